@@ -1,0 +1,172 @@
+"""Model-directory I/O for the DiT stage: ``config.json`` + safetensors, read lazily and strictly.
+
+The config is read first and the module is built on the meta device (no memory); tensors are
+then read one by one from memory-mapped safetensors files, so peak memory is one copy of the
+weights. Any missing, unexpected, mis-shaped or unreadable tensor is a ``CheckpointError`` that
+names the tensor (and the file), never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded as it is; the message names the culprit."""
+
+
+@dataclasses.dataclass
+class DataclassConfig:
+    """Base for stage configs: a dataclass that round-trips through ``config.json``.
+
+    Keys starting with ``_`` (``_class_name``, ``_diffusers_version``...) are metadata and are
+    ignored on load; any other unknown key is an error, so a typo never goes unnoticed.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_class_name": type(self).__name__, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(k for k in data if not k.startswith("_") and k not in fields)
+        if unknown:
+            raise CheckpointError(f"{cls.__name__}: unknown config keys {unknown}")
+        kwargs = {}
+        for key, value in data.items():
+            if key.startswith("_"):
+                continue
+            kwargs[key] = _coerce(hints[key], value)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+
+C = TypeVar("C", bound=DataclassConfig)
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """JSON gives lists where configs hold tuples, and dicts where they hold nested configs."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return value if value is None or len(args) != 1 else _coerce(args[0], value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if isinstance(hint, type) and issubclass(hint, DataclassConfig) and isinstance(value, dict):
+        return hint.from_dict(value)
+    return value
+
+
+def save_pretrained(model: nn.Module, config: DataclassConfig, directory: str | Path) -> Path:
+    """Write ``config.json`` and one safetensors file (contiguous, de-aliased tensors)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    state = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+def read_config(config_cls: type[C], directory: str | Path) -> C:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"missing {CONFIG_NAME} in {directory}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    return config_cls.from_dict(data)
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """Map tensor name -> file, from a sharded index or a single weights file."""
+    index = directory / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / fname for name, fname in weight_map.items()}
+    single = directory / WEIGHTS_NAME
+    if not single.is_file():
+        raise CheckpointError(f"missing {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}")
+    try:
+        with safe_open(str(single), framework="pt") as handle:
+            return {name: single for name in handle.keys()}  # noqa: SIM118 - safe_open is no dict
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{single}: unreadable safetensors file ({exc})") from exc
+
+
+def iter_checkpoint_tensors(directory: str | Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the named tensors lazily (one mmap'd read at a time), each file opened once."""
+    directory = Path(directory)
+    files = _weight_files(directory)
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for path, file_names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in file_names:
+                    try:
+                        yield name, handle.get_tensor(name)
+                    except (SafetensorError, OSError) as exc:
+                        raise CheckpointError(f"tensor '{name}' in {path} is unreadable ({exc})") from exc
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+
+
+def load_state_into(model: nn.Module, directory: str | Path, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """Fill a (meta-device) module from a model directory, strictly and lazily."""
+    directory = Path(directory)
+    expected = model.state_dict()
+    available = _weight_files(directory)
+    missing = sorted(set(expected) - set(available))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing tensor '{missing[0]}'{more} in {directory}")
+    unexpected = sorted(set(available) - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"unexpected tensor '{unexpected[0]}'{more} in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_checkpoint_tensors(directory, list(expected)):
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"tensor '{name}' has shape {tuple(tensor.shape)} in {directory}, "
+                f"the config expects {tuple(want.shape)}"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"tensor '{name}' in {directory} holds NaN or Inf values")
+        target = dtype if (dtype is not None and tensor.is_floating_point()) else want.dtype
+        state[name] = tensor.to(device=device, dtype=target)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def from_pretrained(model_cls: type[M], config_cls: type[DataclassConfig], directory: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> M:
+    """Build ``model_cls(config)`` on the meta device and load its weights from ``directory``."""
+    config = read_config(config_cls, directory)
+    with torch.device("meta"):
+        model = model_cls(config)
+    load_state_into(model, directory, device=device, dtype=dtype)
+    return model.eval()
