@@ -1,0 +1,219 @@
+"""The batched DiT engine: several requests with the same latent shape denoise together.
+
+Per request, once: validation, the guidance chain, the model's timestep-independent
+``prepare`` (condition encoders, refiners, reference tokens), the seeded initial noise and its
+own scheduler. Per step, one forward over every active branch of every active request (CFG
+branches batched, not sequential), then each request combines its branches and steps its own
+scheduler. Requests may have different step counts or schedules; a finished or aborted request
+simply leaves the batch. Noise comes from a per-request CPU generator, so a request gives the
+same output alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CONFIG_NAME, CheckpointError, from_pretrained
+from .families import Family, config_class_for, family_for
+from .guidance import GuidanceChain, combine
+from .requests import ImageDenoiseRequest, VideoDenoiseRequest
+from .sampling import FlowMatchSampler
+
+DenoiseRequest = ImageDenoiseRequest | VideoDenoiseRequest
+
+# progress(request_id, step_done (1-based), num_steps, latents) after every step.
+ProgressFn = Callable[[str, int, int, torch.Tensor], None]
+
+
+class RequestAborted(Exception):
+    """Raised for a request whose abort was requested while it was denoising."""
+
+
+@dataclass
+class DiTEngineConfig:
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_rows: int = 16  # rows (request x CFG branch) per forward; larger cohorts are chunked
+    max_latent_tokens: int = 16384  # latent h*w (x frames) a single request may ask for
+    max_ref_images: int = 5
+
+
+@dataclass
+class DenoiseOutput:
+    request_id: str
+    latents: torch.Tensor
+    steps: int
+    seconds: float
+    forward_rows: int  # model rows this request cost (steps x active branches)
+
+
+@dataclass
+class _Active:
+    request: DenoiseRequest
+    chain: GuidanceChain
+    sampler: FlowMatchSampler
+    latents: torch.Tensor
+    row_offset: int
+    started: float = field(default_factory=time.perf_counter)
+    forward_rows: int = 0
+
+
+class DiTEngine:
+    """Denoises batches of requests on one model; thread-safe ``abort`` from other threads."""
+
+    def __init__(self, model: torch.nn.Module, family: Family, config: DiTEngineConfig | None = None):
+        self.config = config or DiTEngineConfig()
+        self.device = torch.device(self.config.device)
+        self.dtype = getattr(torch, self.config.dtype)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.family = family
+        self.latent_channels = int(model.config.in_channels)
+        self._aborted: set[str] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, config: DiTEngineConfig | None = None) -> DiTEngine:
+        """Load ``<model>/dit`` (config.json + safetensors); the family comes from ``_class_name``."""
+        config = config or DiTEngineConfig()
+        directory = Path(directory)
+        path = directory / CONFIG_NAME
+        if not path.is_file():
+            raise CheckpointError(f"missing {CONFIG_NAME} in {directory}")
+        class_name = json.loads(path.read_text()).get("_class_name", "")
+        config_cls = config_class_for(class_name)
+        family = family_for(config_cls.from_dict(json.loads(path.read_text())), directory)
+        model = from_pretrained(family.model_cls, config_cls, directory, device=config.device,
+                                dtype=getattr(torch, config.dtype))
+        return cls(model, family, config)
+
+    # -- control ---------------------------------------------------------------------------
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def _take_abort(self, request_id: str) -> bool:
+        with self._lock:
+            if request_id in self._aborted:
+                self._aborted.discard(request_id)
+                return True
+            return False
+
+    def expert_load(self) -> dict[str, list[int]]:
+        """Per-layer expert token counts of the last forward (MoE models), for load metrics."""
+        counts = getattr(self.model, "expert_counts", None)
+        return counts() if callable(counts) else {}
+
+    # -- denoising -------------------------------------------------------------------------
+    def validate(self, request: DenoiseRequest) -> None:
+        """Raise ValueError naming the offending field; never touches the model."""
+        if not isinstance(request, self.family.request_cls):
+            raise ValueError(f"request: this engine serves {self.family.name} requests, got {type(request).__name__}")
+        if isinstance(request, ImageDenoiseRequest):
+            request.validate(max_ref_images=self.config.max_ref_images)
+        else:
+            request.validate()
+        shape = self.family.latent_shape(request, self.latent_channels)
+        tokens = 1
+        for dim in shape[1:]:
+            tokens *= dim
+        if tokens > self.config.max_latent_tokens:
+            raise ValueError(f"size: {tokens} latent positions exceed the limit {self.config.max_latent_tokens}")
+
+    def generate(self, requests: Sequence[DenoiseRequest], progress: ProgressFn | None = None,
+                 ) -> list[DenoiseOutput | RequestAborted]:
+        """Denoise ``requests`` together; aborted ones come back as ``RequestAborted``."""
+        if not requests:
+            return []
+        for request in requests:
+            self.validate(request)
+        shapes = {self.family.latent_shape(r, self.latent_channels) for r in requests}
+        if len(shapes) != 1:
+            raise ValueError(f"a batch needs one latent shape, got {sorted(shapes)}")
+        active, prepared = self._admit(requests)
+        results: dict[str, DenoiseOutput | RequestAborted] = {}
+        while active:
+            active = self._step(active, prepared, results, progress)
+        return [results[r.request_id] for r in requests]
+
+    @torch.inference_mode()
+    def _admit(self, requests: Sequence[DenoiseRequest]) -> tuple[list[_Active], Any]:
+        branches: list[Any] = []
+        active: list[_Active] = []
+        for request in requests:
+            chain = self.family.chain(request)
+            shape = self.family.latent_shape(request, self.latent_channels)
+            generator = torch.Generator(device="cpu").manual_seed(request.sampling.seed)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            active.append(_Active(request, chain, self.family.sampler(request),
+                                  noise.to(self.device, self.dtype), row_offset=len(branches)))
+            branches.extend(self._to_device(b) for b in chain.branches)
+        return active, self.model.prepare(branches)
+
+    def _to_device(self, condition: Any) -> Any:
+        """Move a condition dataclass's tensors (and lists of tensors) to the engine's device/dtype."""
+        moved = {}
+        for name, value in vars(condition).items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
+            elif isinstance(value, list):
+                value = [v.to(self.device, self.dtype) if isinstance(v, torch.Tensor) else v for v in value]
+            moved[name] = value
+        return type(condition)(**moved)
+
+    @torch.inference_mode()
+    def _step(self, active: list[_Active], prepared: Any, results: dict, progress: ProgressFn | None) -> list[_Active]:
+        still: list[_Active] = []
+        for item in active:
+            if self._take_abort(item.request.request_id):
+                results[item.request.request_id] = RequestAborted(item.request.request_id)
+            else:
+                still.append(item)
+        if not still:
+            return []
+        rows: list[int] = []
+        latents: list[torch.Tensor] = []
+        timesteps: list[float] = []
+        plan: list[tuple[_Active, list[int]]] = []
+        for item in still:
+            branch_ids = item.chain.active_branches(item.sampler.step_index, item.sampler.num_steps)
+            plan.append((item, branch_ids))
+            rows.extend(item.row_offset + b for b in branch_ids)
+            latents.extend([item.latents] * len(branch_ids))
+            timesteps.extend([item.sampler.model_timestep()] * len(branch_ids))
+        outputs = self._forward(torch.stack(latents), torch.tensor(timesteps, dtype=torch.float32), prepared, rows)
+        cursor = 0
+        next_active: list[_Active] = []
+        for item, branch_ids in plan:
+            preds = list(outputs[cursor:cursor + len(branch_ids)])
+            cursor += len(branch_ids)
+            scales = item.chain.scales if len(branch_ids) > 1 else []
+            velocity = combine(preds, scales)
+            item.latents = item.sampler.step(velocity, item.latents)
+            item.forward_rows += len(branch_ids)
+            if progress is not None:
+                progress(item.request.request_id, item.sampler.step_index, item.sampler.num_steps, item.latents)
+            if item.sampler.done:
+                results[item.request.request_id] = DenoiseOutput(
+                    item.request.request_id, item.latents, item.sampler.num_steps,
+                    time.perf_counter() - item.started, item.forward_rows)
+            else:
+                next_active.append(item)
+        return next_active
+
+    def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor, prepared: Any, rows: list[int]) -> torch.Tensor:
+        timesteps = timesteps.to(self.device, self.dtype)
+        limit = self.config.max_batch_rows
+        chunks = []
+        for start in range(0, len(rows), limit):
+            chunk_rows = rows[start:start + limit]
+            chunk_prepared = prepared.select(chunk_rows)
+            chunks.append(self.model(latents[start:start + limit], timesteps[start:start + limit], chunk_prepared))
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]

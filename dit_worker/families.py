@@ -1,0 +1,128 @@
+"""Per-family glue between requests and models: guidance chains, schedules, latent shapes.
+
+The guidance chains mirror the reference pipelines exactly (which branches exist for which
+scales), so a served request denoises like the research code does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .checkpoint import DataclassConfig
+from .guidance import GuidanceChain
+from .models.transformer_mammoth2 import Mammoth2Condition, Mammoth2DiTConfig, Mammoth2Transformer
+from .models.transformer_mammoth25 import Mammoth25Condition, Mammoth25DiTConfig, Mammoth25Transformer
+from .requests import ImageDenoiseRequest, VideoDenoiseRequest
+from .sampling import FlowMatchSampler, image_sampler, video_sampler
+
+SCHEDULER_DIR = "scheduler"
+
+
+class DenoiserModel(Protocol):
+    """What the engine needs from a DiT: timestep-independent prepare, then per-step forward."""
+
+    def prepare(self, conditions: list[Any]) -> Any: ...
+
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, prepared: Any) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ImageFamily:
+    """MammothModa2: 2-way CFG for T2I, 3-way (uncond, ref-only, full) for editing."""
+
+    name = "mammoth2"
+    config_cls = Mammoth2DiTConfig
+    model_cls = Mammoth2Transformer
+    request_cls = ImageDenoiseRequest
+
+    def chain(self, req: ImageDenoiseRequest) -> GuidanceChain:
+        refs = list(req.ref_latents)
+        full = Mammoth2Condition(text=req.text, image=req.image, ref_latents=refs)
+        image_guidance = req.image_guidance if refs else 1.0
+        if req.text_guidance > 1.0 and image_guidance > 1.0:
+            uncond = Mammoth2Condition(text=req.negative, image=None, ref_latents=[])
+            ref_only = Mammoth2Condition(text=req.negative, image=None, ref_latents=refs)
+            return GuidanceChain([uncond, ref_only, full], [image_guidance, req.text_guidance],
+                                 req.sampling.cfg_range)
+        if req.text_guidance > 1.0:
+            uncond = Mammoth2Condition(text=req.negative, image=None, ref_latents=[])
+            return GuidanceChain([uncond, full], [req.text_guidance], req.sampling.cfg_range)
+        return GuidanceChain([full], [], req.sampling.cfg_range)
+
+    def sampler(self, req: ImageDenoiseRequest) -> FlowMatchSampler:
+        return image_sampler(req.latent_height, req.latent_width, req.sampling.steps, req.sampling.sigmas)
+
+    def latent_shape(self, req: ImageDenoiseRequest, channels: int) -> tuple[int, ...]:
+        return (channels, req.latent_height, req.latent_width)
+
+
+@dataclass(frozen=True)
+class VideoFamily:
+    """MammothModa2.5: 2-way CFG for T2V; editing adds the source-video context branch."""
+
+    scheduler_config: dict | None = None
+    name = "mammoth25"
+    config_cls = Mammoth25DiTConfig
+    model_cls = Mammoth25Transformer
+    request_cls = VideoDenoiseRequest
+
+    def chain(self, req: VideoDenoiseRequest) -> GuidanceChain:
+        full = Mammoth25Condition(prompt=req.prompt, source_latents=req.source_latents)
+        context_scale = req.context_guidance if req.source_latents is not None else 1.0
+        if context_scale > 1.0:
+            uncond = Mammoth25Condition(prompt=req.negative, source_latents=None)
+            context = Mammoth25Condition(prompt=req.negative, source_latents=req.source_latents)
+            if req.guidance > 1.0:
+                return GuidanceChain([uncond, context, full], [context_scale, req.guidance], req.sampling.cfg_range)
+            # The reference drops the conditional branch here: uncond + c * (context - uncond).
+            return GuidanceChain([uncond, context], [context_scale], req.sampling.cfg_range)
+        if req.guidance > 1.0:
+            uncond = Mammoth25Condition(prompt=req.negative, source_latents=req.source_latents)
+            return GuidanceChain([uncond, full], [req.guidance], req.sampling.cfg_range)
+        return GuidanceChain([full], [], req.sampling.cfg_range)
+
+    def sampler(self, req: VideoDenoiseRequest) -> FlowMatchSampler:
+        return video_sampler(req.sampling.steps, self.scheduler_config, req.sampling.sigmas)
+
+    def latent_shape(self, req: VideoDenoiseRequest, channels: int) -> tuple[int, ...]:
+        return (channels, req.latent_frames, req.latent_height, req.latent_width)
+
+
+Family = ImageFamily | VideoFamily
+
+_BY_CONFIG_CLASS: dict[str, type[DataclassConfig]] = {
+    Mammoth2DiTConfig.__name__: Mammoth2DiTConfig,
+    Mammoth25DiTConfig.__name__: Mammoth25DiTConfig,
+}
+
+
+def family_for(config: DataclassConfig, directory: str | Path | None = None) -> Family:
+    if isinstance(config, Mammoth2DiTConfig):
+        return ImageFamily()
+    if isinstance(config, Mammoth25DiTConfig):
+        scheduler_config = None
+        if directory is not None:
+            path = Path(directory) / SCHEDULER_DIR / "scheduler_config.json"
+            if path.is_file():
+                import json
+
+                scheduler_config = json.loads(path.read_text())
+        return VideoFamily(scheduler_config=scheduler_config)
+    raise ValueError(f"unsupported DiT config {type(config).__name__}")
+
+
+def config_class_for(class_name: str) -> type[DataclassConfig]:
+    try:
+        return _BY_CONFIG_CLASS[class_name]
+    except KeyError:
+        raise ValueError(f"dit config.json: unknown _class_name {class_name!r}; "
+                         f"expected one of {sorted(_BY_CONFIG_CLASS)}") from None
+
+
+def model_for(config: DataclassConfig) -> nn.Module:
+    return family_for(config).model_cls(config)

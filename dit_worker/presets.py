@@ -1,0 +1,67 @@
+"""DiT stage presets: which transformer config each named preset uses.
+
+Random checkpoints for the tiny presets are written with the same code path real ones are
+loaded with (``checkpoint.save_pretrained`` / ``from_pretrained``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from .checkpoint import DataclassConfig, save_pretrained
+from .families import SCHEDULER_DIR
+from .models import transformer_mammoth2, transformer_mammoth25
+from .models.transformer_mammoth2 import Mammoth2DiTConfig
+from .models.transformer_mammoth25 import Mammoth25DiTConfig
+
+_CONFIGS = {
+    "tiny-mammoth2": Mammoth2DiTConfig.tiny,
+    "mammoth2-dev": Mammoth2DiTConfig.dev,
+    "tiny-mammoth25": Mammoth25DiTConfig.tiny,
+    "mammoth25-6b-a1b": Mammoth25DiTConfig.a6b_a1b,
+    "mammoth25-20b-a3b": Mammoth25DiTConfig.a20b_a3b,
+}
+
+# Flow shift of the video family's scheduler (Wan-style static shift for 480p).
+VIDEO_FLOW_SHIFT = 3.0
+
+
+def stage_config(preset: str) -> DataclassConfig:
+    try:
+        return _CONFIGS[preset]()
+    except KeyError:
+        raise ValueError(f"preset: no DiT config for {preset!r}") from None
+
+
+def count_parameters(preset: str) -> dict[str, int]:
+    config = stage_config(preset)
+    module = transformer_mammoth2 if isinstance(config, Mammoth2DiTConfig) else transformer_mammoth25
+    return module.count_parameters(config)
+
+
+def write_random_checkpoint(preset: str, directory: str | Path, seed: int) -> Path:
+    """Random-weight DiT in the served layout; deterministic for ``seed``."""
+    config = stage_config(preset)
+    torch.manual_seed(seed)
+    if isinstance(config, Mammoth2DiTConfig):
+        model = transformer_mammoth2.Mammoth2Transformer(config)
+    else:
+        model = transformer_mammoth25.Mammoth25Transformer(config)
+    _perturb(model, seed)
+    directory = save_pretrained(model, config, directory)
+    if isinstance(config, Mammoth25DiTConfig):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=VIDEO_FLOW_SHIFT)
+        scheduler.save_config(str(directory / SCHEDULER_DIR))
+    return directory
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Add noise to every parameter: zero-initialised gates/projections would otherwise make a
+    random model an identity map, hiding bugs that real weights would expose."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * std)
