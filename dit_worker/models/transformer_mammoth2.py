@@ -35,6 +35,13 @@ from dit_worker.models.mammoth2_conditioning import QFormerImageEmbedder, TimeCa
 from dit_worker.models.mammoth2_layers import Mammoth2Block, OutputNorm, ffn_inner_dim, rope_cos_sin
 
 MAX_REF_IMAGES = 5  # rows of ``image_index_embedding``
+OFFICIAL_PREFIX = "gen_transformer."  # where these weights sit in an official checkpoint
+
+
+def official_dit_names(names: list[str]) -> dict[str, str]:
+    """Map our tensor names to an official MammothModa2 checkpoint's (``gen_transformer.`` + name)
+    for the checkpoint's names that belong to the DiT; everything else is ignored."""
+    return {n[len(OFFICIAL_PREFIX) :]: n for n in names if n.startswith(OFFICIAL_PREFIX)}
 
 
 # ------------------------------------------------------------------------------------------ Config
@@ -99,6 +106,18 @@ class Mammoth2DiTConfig(DataclassConfig):
     @property
     def latent_channels_out(self) -> int:
         return self.out_channels or self.in_channels
+
+    @classmethod
+    def from_official(cls, mammothmoda2_config: dict) -> Mammoth2DiTConfig:
+        """Build from an official MammothModa2 top-level ``config.json`` (as a dict): its
+        ``gen_dit_config``, the planner width from ``llm_config`` and the QFormer config."""
+        dit = {k: v for k, v in mammothmoda2_config["gen_dit_config"].items() if not k.startswith("_")}
+        llm = mammothmoda2_config.get("llm_config") or {}
+        hidden = (llm.get("text_config") or {}).get("hidden_size") or llm.get("hidden_size")
+        if not hidden:
+            raise ValueError("official config: no llm_config.text_config.hidden_size")
+        refiner = mammothmoda2_config.get("gen_image_condition_refiner_config") or {}
+        return cls.from_dict({**dit, "llm_hidden_size": hidden, "gen_image_condition_refiner_config": refiner})
 
     @classmethod
     def dev(cls) -> Mammoth2DiTConfig:

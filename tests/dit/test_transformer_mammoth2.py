@@ -15,6 +15,7 @@ from dit_worker.models.transformer_mammoth2 import (
     Mammoth2Prepared,
     Mammoth2Transformer,
     count_parameters,
+    official_dit_names,
 )
 
 # sha256 over sorted "name:shape" lines of the official Transformer2DModel's state_dict for the
@@ -192,3 +193,36 @@ def test_dev_parameter_count():
     assert 2.9e9 < counts["total"] < 3.1e9
     tiny = count_parameters(Mammoth2DiTConfig.tiny())
     assert tiny["total"] == 2_279_808  # same as the official module for this config
+
+
+def test_config_from_official_top_level_config(mammoth2_config):
+    official = {
+        "llm_config": {"model_type": "mammothmoda2_qwen3_vl", "text_config": {"hidden_size": 128}},
+        "gen_dit_config": {
+            "_class_name": "Transformer2DModel", "_diffusers_version": "0.34.0",
+            **{k: v for k, v in mammoth2_config.to_dict().items()
+               if k not in ("_class_name", "llm_hidden_size", "gen_image_condition_refiner_config")},
+        },
+        "gen_image_condition_refiner_config": {"num_queries": 8, "num_layers": 2},
+        "gen_axes_dim_rope": [40, 40, 40],
+    }
+    assert Mammoth2DiTConfig.from_official(official) == mammoth2_config
+
+
+def test_official_checkpoint_names(mammoth2_model):
+    ours = list(mammoth2_model.state_dict())
+    checkpoint = ["gen_transformer." + n for n in ours] + ["llm_model.lm_head.weight", "gen_vae.encoder.conv_in.weight"]
+    mapping = official_dit_names(checkpoint)
+    assert sorted(mapping) == sorted(ours)
+    assert mapping["layers.0.attn.to_q.weight"] == "gen_transformer.layers.0.attn.to_q.weight"
+
+
+def test_grad_mode_after_inference(mammoth2_config, mammoth2_model, make_condition):
+    """RoPE caches built under inference_mode must not break a later autograd pass."""
+    model = Mammoth2Transformer(mammoth2_config)
+    model.load_state_dict(mammoth2_model.state_dict())
+    cond = [make_condition(text_len=3, image_len=2)]
+    _run(model, cond, _latents(1, 4, 4), torch.tensor([0.5]))
+    out = model(_latents(1, 4, 4), torch.tensor([0.5]), model.prepare(cond))
+    out.square().mean().backward()
+    assert model.x_embedder.weight.grad is not None
