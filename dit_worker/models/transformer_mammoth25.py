@@ -414,6 +414,8 @@ class Mammoth25Transformer(nn.Module):
         if prepared.batch_size != batch or timestep.shape != (batch,):
             raise ValueError(f"batch mismatch: latents {batch}, timestep {tuple(timestep.shape)}, "
                              f"prepared {prepared.batch_size}")
+        if any(n % p for n, p in zip(latents.shape[2:], self.config.patch_size)):
+            raise ValueError(f"latents {tuple(latents.shape[2:])} do not tile into patches {self.config.patch_size}")
         dtype, device = self.dtype, latents.device
         video, grid = self._patchify(latents.to(dtype))
         for g in prepared.source_grids:
