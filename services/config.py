@@ -1,0 +1,362 @@
+"""The one serving config: model, per-stage scaling and engine settings, ingress limits.
+
+A single YAML file (``mammoth config render`` turns it into a Ray Serve config) so that every
+replica count, queue bound and request limit is a reviewed value, not a constant in code. All
+sections reject unknown keys, and every error names its field (``dit.autoscaling.max_replicas:
+...``), because a typo in a deployment file must fail at load time, not silently fall back.
+
+Stage engines leave ``device``/``dtype`` unset to follow the top-level ``device``; the
+resolved values are what ``resolved_device()`` / ``resolved_dtype()`` return.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+Device = Literal["cpu", "gpu"]
+EngineDevice = Literal["cpu", "cuda"]
+DType = Literal["float32", "bfloat16", "float16"]
+MiB = 1024 * 1024
+DEFAULT_PRESET = "tiny-mammoth2"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used as it is; one line per problem, each naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ------------------------------------------------------------------------- Ray deployment parts
+
+
+class AutoscalingSettings(_Section):
+    """Ray Serve autoscaling. Defaults react in seconds (Serve's own: 30 s up, 600 s down)."""
+
+    min_replicas: NonNegativeInt = 1
+    max_replicas: PositiveInt = 2
+    initial_replicas: NonNegativeInt | None = None
+    target_ongoing_requests: PositiveFloat = 2.0
+    upscale_delay_s: NonNegativeFloat = 3.0
+    downscale_delay_s: NonNegativeFloat = 10.0
+    look_back_period_s: PositiveFloat = 15.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas: {self.min_replicas} is above max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas: {self.initial_replicas} is outside [min_replicas, max_replicas]")
+        return self
+
+
+class ActorOptions(_Section):
+    """Per-replica Ray resources. Fractional CPUs let many replicas share a small CPU box."""
+
+    num_cpus: NonNegativeFloat = 0.25
+    num_gpus: NonNegativeFloat = 0.0
+    memory: NonNegativeInt | None = None  # bytes; Ray schedules by it, nothing enforces it
+    resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    accelerator_type: str | None = None
+
+
+class DeploymentSettings(_Section):
+    """How one Ray Serve deployment is scaled and queued."""
+
+    num_replicas: PositiveInt | None = None  # fixed count; default 1 unless autoscaling is set
+    autoscaling: AutoscalingSettings | None = None
+    max_ongoing_requests: PositiveInt = 8  # per replica, in flight at once
+    max_queued_requests: Annotated[int, Field(ge=-1)] = 64  # per caller; -1 = unbounded; beyond: back-pressure
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    env_vars: dict[str, str] = Field(default_factory=dict)  # merged over the top-level env_vars
+
+    @model_validator(mode="after")
+    def _scaling(self) -> Self:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("num_replicas: set either num_replicas or autoscaling, not both")
+        if self.autoscaling is not None and self.max_ongoing_requests < self.autoscaling.target_ongoing_requests:
+            raise ValueError(
+                f"max_ongoing_requests: {self.max_ongoing_requests} is below "
+                f"autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests}): "
+                "the deployment could never scale up"
+            )
+        return self
+
+    @property
+    def fixed_replicas(self) -> int | None:
+        """The fixed replica count, or None when autoscaling."""
+        return None if self.autoscaling is not None else (self.num_replicas or 1)
+
+
+# ------------------------------------------------------------------------- stage engines
+
+
+class _StageEngine(_Section):
+    device: EngineDevice | None = None  # None: cuda when device is gpu, else cpu
+    dtype: DType | None = None  # None: bfloat16 on cuda, float32 on cpu
+    cpu_threads: PositiveInt | None = None  # OMP/torch threads per replica; None: library default
+
+
+class PlannerEngine(_StageEngine):
+    """vLLM engine arguments of the planner."""
+
+    kv_cache_gib: PositiveInt | None = 1  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes if set
+    gpu_memory_utilization: Fraction = 0.85  # GPU, when kv_cache_gib is None
+    tensor_parallel_size: PositiveInt = 1
+    enforce_eager: bool = True  # starts in seconds; CUDA graphs / compile are opt-in
+    max_model_len: PositiveInt = 4096
+    max_num_seqs: PositiveInt = 8
+    multiprocessing: bool = False  # vLLM V1 engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING)
+
+
+class DiTEngine(_StageEngine):
+    """Batched DiT engine (``dit_worker.engine``)."""
+
+    max_batch_rows: PositiveInt = 16  # request x CFG-branch rows per forward
+    batch_wait_timeout_s: NonNegativeFloat = 0.01  # how long a batch waits to fill
+    max_latent_tokens: PositiveInt = 16384  # latent h*w (x frames) one request may ask for
+
+
+class VAEEngine(_StageEngine):
+    memory_budget_mb: PositiveInt = 2048  # decode/encode tile so a call stays under this
+
+
+class PlannerSettings(DeploymentSettings):
+    max_ongoing_requests: PositiveInt = 16  # vLLM batches concurrent requests itself
+    engine: PlannerEngine = Field(default_factory=PlannerEngine)
+
+
+class DiTSettings(DeploymentSettings):
+    engine: DiTEngine = Field(default_factory=DiTEngine)
+
+
+class VAESettings(DeploymentSettings):
+    engine: VAEEngine = Field(default_factory=VAEEngine)
+
+
+# ------------------------------------------------------------------------- ingress
+
+
+class RequestLimits(_Section):
+    """Per-request limits enforced at the ingress, before any stage does work."""
+
+    max_prompt_chars: PositiveInt = 4000
+    max_width: PositiveInt = 2048
+    max_height: PositiveInt = 2048
+    max_frames: PositiveInt = 129
+    max_steps: PositiveInt = 100
+    max_reference_images: NonNegativeInt = 5
+    max_image_bytes: PositiveInt = 20 * MiB  # one encoded input image
+    max_video_bytes: PositiveInt = 200 * MiB  # one encoded input video
+    max_request_bytes: PositiveInt = 256 * MiB  # a whole request message
+    max_understand_tokens: PositiveInt = 2048
+    max_messages: PositiveInt = 64  # Understand chat turns
+    request_timeout_s: PositiveFloat = 600.0
+
+
+class IngressSettings(DeploymentSettings):
+    max_ongoing_requests: PositiveInt = 32  # the ingress only awaits the stages
+    max_queued_requests: Annotated[int, Field(ge=-1)] = 256
+    ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.1))
+    host: str = "0.0.0.0"
+    http_port: Port = 8000
+    grpc_port: Port = 9000
+    auth_enabled: bool = False
+    api_keys: list[str] = Field(default_factory=list, repr=False)  # prefer api_keys_env in real deployments
+    api_keys_env: str | None = "MAMMOTH_API_KEYS"  # comma-separated keys read by the ingress at start
+    grpc_health: bool = True  # serve grpc.health.v1.Health through the proxy (the ingress answers it)
+    grpc_reflection: bool = True
+    expose_stages: bool = False  # also route gRPC/HTTP to the stage apps (callers then pick the app)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+
+    @model_validator(mode="after")
+    def _ingress(self) -> Self:
+        if self.http_port == self.grpc_port:
+            raise ValueError(f"grpc_port: {self.grpc_port} is also the http_port")
+        if self.auth_enabled and not self.api_keys and not self.api_keys_env:
+            raise ValueError("api_keys: auth_enabled needs api_keys or api_keys_env")
+        if any(not k.strip() for k in self.api_keys):
+            raise ValueError("api_keys: empty key")
+        return self
+
+
+# ------------------------------------------------------------------------- model and root
+
+
+class ModelSettings(_Section):
+    """Which model to serve: a model directory, or a preset's directory under ``cache_dir``."""
+
+    path: str | None = None
+    preset: str | None = None
+    cache_dir: str = "~/.cache/mammoth"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.path is None) == (self.preset is None):
+            raise ValueError("path: set exactly one of path or preset")
+        if self.preset is not None:
+            from .presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset: unknown {self.preset!r}; choose one of {sorted(PRESETS)}")
+        return self
+
+    def directory(self) -> Path:
+        if self.path is not None:
+            return Path(self.path).expanduser()
+        return Path(self.cache_dir).expanduser() / str(self.preset)
+
+
+class ServeConfig(_Section):
+    """The whole deployment. ``ServeConfig()`` is a working CPU config for the tiny preset."""
+
+    version: Literal[1] = 1
+    device: Device = "cpu"
+    model: ModelSettings = Field(default_factory=lambda: ModelSettings(preset=DEFAULT_PRESET))
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+    dit: DiTSettings = Field(default_factory=DiTSettings)
+    vae: VAESettings = Field(default_factory=VAESettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+    metrics: bool = True
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"
+    env_vars: dict[str, str] = Field(default_factory=dict)  # for every application
+
+    @model_validator(mode="after")
+    def _devices(self) -> Self:
+        for stage in ("planner", "dit", "vae"):
+            section: DeploymentSettings = getattr(self, stage)
+            gpus = section.ray_actor_options.num_gpus
+            on_cuda = self.resolved_device(stage) == "cuda"
+            if on_cuda and gpus == 0:
+                raise ValueError(f"{stage}.ray_actor_options.num_gpus: must be > 0 when {stage} runs on cuda "
+                                 "(Ray hides GPUs from replicas that reserve none)")
+            if not on_cuda and gpus > 0:
+                raise ValueError(f"{stage}.ray_actor_options.num_gpus: {gpus} reserved but {stage} runs on cpu")
+        if self.device == "cpu" and self.planner.engine.kv_cache_gib is None:
+            raise ValueError("planner.engine.kv_cache_gib: required on cpu (vLLM would take ~90% of RAM)")
+        return self
+
+    # -- resolved engine placement
+
+    def resolved_device(self, stage: str) -> EngineDevice:
+        engine: _StageEngine = getattr(self, stage).engine
+        if engine.device is not None:
+            return engine.device
+        return "cuda" if self.device == "gpu" else "cpu"
+
+    def resolved_dtype(self, stage: str) -> DType:
+        engine: _StageEngine = getattr(self, stage).engine
+        if engine.dtype is not None:
+            return engine.dtype
+        return "bfloat16" if self.resolved_device(stage) == "cuda" else "float32"
+
+    # -- construction
+
+    @classmethod
+    def default_cpu(cls, model_dir: str | Path | None = None) -> ServeConfig:
+        """Fractional CPUs, one replica per stage, small vLLM KV cache: fits a 2-core box."""
+        model = ModelSettings(path=str(model_dir)) if model_dir is not None else ModelSettings(preset=DEFAULT_PRESET)
+        return cls(device="cpu", model=model)
+
+    @classmethod
+    def default_gpu(cls, model_dir: str | Path | None = None) -> ServeConfig:
+        """One GPU each for planner and DiT, half a GPU for the VAE; DiT and VAE autoscale."""
+        model = ModelSettings(path=str(model_dir)) if model_dir is not None else ModelSettings(preset=DEFAULT_PRESET)
+        scale = AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=2)
+        return cls(
+            device="gpu",
+            model=model,
+            planner=PlannerSettings(
+                max_ongoing_requests=64, ray_actor_options=ActorOptions(num_cpus=2, num_gpus=1),
+                engine=PlannerEngine(kv_cache_gib=None, enforce_eager=False, max_num_seqs=64, max_model_len=8192),
+            ),
+            dit=DiTSettings(autoscaling=scale, max_ongoing_requests=8,
+                            ray_actor_options=ActorOptions(num_cpus=2, num_gpus=1)),
+            vae=VAESettings(autoscaling=scale, max_ongoing_requests=8,
+                            ray_actor_options=ActorOptions(num_cpus=1, num_gpus=0.5),
+                            engine=VAEEngine(memory_budget_mb=8192)),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> ServeConfig:
+        """Validate a plain dict; errors become one ``ConfigError`` listing ``field: problem`` lines."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: invalid config\n" + format_errors(exc)) from None
+
+    @classmethod
+    def loads(cls, text: str, *, source: str = "config") -> ServeConfig:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServeConfig:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        return cls.loads(text, source=str(path))
+
+    @classmethod
+    def from_app_args(cls, args: dict[str, Any]) -> ServeConfig:
+        """Rebuild the config inside a Ray Serve application builder (``app(args)``)."""
+        if "config" not in args:
+            raise ConfigError("application args: missing 'config' (render with services.render)")
+        return cls.from_dict(args["config"], source="application args")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def dump(self, path: str | Path | None = None) -> str:
+        """YAML text of the full config (every default spelled out); also written to ``path``."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.*)$", re.S)
+
+
+def format_errors(exc: ValidationError) -> str:
+    """One ``  dotted.field: message`` line per error.
+
+    Section-level checks report ``field: message`` from inside the section; the section's own
+    location is prefixed so every line carries the full dotted path.
+    """
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error" and (m := _FIELD_PREFIX.match(msg)):
+            loc = f"{loc}.{m.group(1)}" if loc else m.group(1)
+            msg = m.group(2)
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""Render a ``ServeConfig`` into a Ray Serve config (``serve run``/``serve deploy``/KubeRay).
+
+The output is the multi-application schema Ray validates as ``ServeDeploySchema`` and that a
+KubeRay ``RayService`` embeds as ``serveConfigV2``: one application per stage plus the
+``mammoth`` ingress application. Every application gets the whole config as ``args`` so its
+builder rebuilds exactly the same ``ServeConfig`` (``ServeConfig.from_app_args(args)``).
+
+gRPC through the Serve proxy (Ray 2.60): the proxy imports the ``add_*Servicer_to_server``
+functions listed here and routes every method of those services to the application named by
+the caller's ``application`` metadata, or to the only application with a route prefix. Stage
+apps therefore get ``route_prefix: null`` by default: they are reached through deployment
+handles only, the ingress is the single routable app, and clients need no metadata. With
+``ingress.expose_stages`` they get ``/stages/<name>`` and their services are registered too;
+callers must then send ``application: <name>`` metadata (``mammoth`` for Generation).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .config import DeploymentSettings, ServeConfig
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    name: str  # Serve application name
+    import_path: str  # module:builder, called with the application args
+    deployment: str  # the deployment in that application whose options we set
+    servicer: str  # import path of the gRPC add_*Servicer_to_server function
+
+
+STAGE_APPS: dict[str, AppSpec] = {
+    "planner": AppSpec("planner", "services.apps.planner:app", "Planner",
+                       "protos.planner_pb2_grpc.add_PlannerServicer_to_server"),
+    "dit": AppSpec("dit", "services.apps.dit:app", "DiT", "protos.dit_pb2_grpc.add_DiTServicer_to_server"),
+    "vae": AppSpec("vae", "services.apps.vae:app", "VAE", "protos.vae_pb2_grpc.add_VAEServicer_to_server"),
+}
+INGRESS_APP = AppSpec("mammoth", "services.apps.pipeline:app", "Ingress",
+                      "protos.generation_pb2_grpc.add_GenerationServicer_to_server")
+# Routed to the ingress deployment like any user method: it must define Check (and Watch).
+HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
+
+
+def _actor_options(section: DeploymentSettings) -> dict[str, Any]:
+    opts = section.ray_actor_options
+    out: dict[str, Any] = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
+    if opts.memory is not None:
+        out["memory"] = opts.memory
+    if opts.resources:
+        out["resources"] = dict(opts.resources)
+    if opts.accelerator_type is not None:
+        out["accelerator_type"] = opts.accelerator_type
+    return out
+
+
+def _deployment(name: str, section: DeploymentSettings) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name}
+    if section.autoscaling is not None:
+        a = section.autoscaling
+        auto: dict[str, Any] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+            "look_back_period_s": a.look_back_period_s,
+        }
+        if a.initial_replicas is not None:
+            auto["initial_replicas"] = a.initial_replicas
+        out["autoscaling_config"] = auto
+    else:
+        out["num_replicas"] = section.fixed_replicas
+    out["max_ongoing_requests"] = section.max_ongoing_requests
+    out["max_queued_requests"] = section.max_queued_requests
+    out["ray_actor_options"] = _actor_options(section)
+    return out
+
+
+def stage_env_vars(cfg: ServeConfig, stage: str) -> dict[str, str]:
+    """Environment of one application's replicas: engine settings that only exist as env vars."""
+    section: DeploymentSettings = cfg.ingress if stage == INGRESS_APP.name else getattr(cfg, stage)
+    env: dict[str, str] = {}
+    engine = getattr(section, "engine", None)
+    if engine is not None and engine.cpu_threads is not None:
+        env["OMP_NUM_THREADS"] = str(engine.cpu_threads)
+    if stage == "planner":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.planner.engine.multiprocessing else "0"
+        if cfg.resolved_device("planner") == "cpu":
+            # vLLM on CPU otherwise sizes its KV cache from total RAM (~90%).
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.planner.engine.kv_cache_gib)
+    env.update(cfg.env_vars)
+    env.update(section.env_vars)
+    return dict(sorted(env.items()))
+
+
+def _application(cfg: ServeConfig, spec: AppSpec, section: DeploymentSettings, route_prefix: str | None,
+                 args: dict[str, Any]) -> dict[str, Any]:
+    app: dict[str, Any] = {
+        "name": spec.name,
+        "import_path": spec.import_path,
+        "route_prefix": route_prefix,
+        "args": copy.deepcopy(args),  # no shared objects: plain YAML without anchors
+        "deployments": [_deployment(spec.deployment, section)],
+    }
+    env = stage_env_vars(cfg, spec.name)
+    if env:
+        app["runtime_env"] = {"env_vars": env}
+    return app
+
+
+def grpc_servicer_functions(cfg: ServeConfig) -> list[str]:
+    functions = [INGRESS_APP.servicer]
+    if cfg.ingress.grpc_health:
+        functions.append(HEALTH_SERVICER)
+    if cfg.ingress.expose_stages:
+        functions += [spec.servicer for spec in STAGE_APPS.values()]
+    return functions
+
+
+def render_serve_config(cfg: ServeConfig, *, validate: bool = True) -> dict[str, Any]:
+    """The Ray Serve config dict; checked against Ray's own ``ServeDeploySchema`` unless told not to."""
+    ingress = cfg.ingress
+    args = {"config": cfg.to_dict()}
+    timeout = ingress.limits.request_timeout_s
+    applications = [
+        _application(cfg, spec, getattr(cfg, stage), f"/stages/{spec.name}" if ingress.expose_stages else None, args)
+        for stage, spec in STAGE_APPS.items()
+    ]
+    applications.append(_application(cfg, INGRESS_APP, ingress, "/", args))
+    out: dict[str, Any] = {
+        "proxy_location": cfg.proxy_location,
+        "http_options": {"host": ingress.host, "port": ingress.http_port, "request_timeout_s": timeout},
+        "grpc_options": {
+            "port": ingress.grpc_port,
+            "grpc_servicer_functions": grpc_servicer_functions(cfg),
+            "request_timeout_s": timeout,
+            "enable_reflection": ingress.grpc_reflection,
+        },
+        "applications": applications,
+    }
+    if validate:
+        validate_serve_config(out)
+    return out
+
+
+def validate_serve_config(config: dict[str, Any]) -> Any:
+    """Validate with Ray Serve's own schema (what ``serve deploy`` and KubeRay submit to)."""
+    with warnings.catch_warnings():  # Ray 2.60's schema module trips pydantic deprecation warnings
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ray.serve.schema import ServeDeploySchema  # heavy import: only when asked
+    return ServeDeploySchema.model_validate(config)
+
+
+def render_yaml(cfg: ServeConfig, *, source: str | None = None) -> str:
+    header = "# Ray Serve config rendered by `mammoth config render`"
+    header += f" from {source}" if source else " from the default config"
+    header += ".\n# Edit the Mammoth config and render again rather than editing this file.\n"
+    return header + yaml.safe_dump(render_serve_config(cfg), sort_keys=False, default_flow_style=False)
