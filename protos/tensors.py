@@ -79,6 +79,8 @@ def _validated_array(msg: common_pb2.Tensor, name: str) -> np.ndarray:
     """A read-only numpy view of ``msg.data`` with the wire dtype and shape (no copy)."""
     if not isinstance(msg, common_pb2.Tensor):
         raise TypeError(f"{name}: expected a mammoth.v1.Tensor, got {type(msg).__name__}")
+    if not msg.dtype:
+        raise ValueError(f"{name}: tensor is missing or has no dtype")
     wire = WIRE_DTYPES.get(msg.dtype)
     if wire is None:
         raise ValueError(f"{name}: unsupported dtype {msg.dtype!r}; expected one of {sorted(WIRE_DTYPES)}")
@@ -126,3 +128,16 @@ def tensor_from_proto(msg: common_pb2.Tensor, *, name: str = "tensor", copy: boo
         if msg.dtype == "bfloat16":
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(array)
+
+
+def tensor_field(parent: Any, field: str, *, required: bool = False, copy: bool = False) -> torch.Tensor | None:
+    """``tensor_from_proto`` of a message's Tensor field, None when unset (or an error if required).
+
+    Errors name the field (``text_condition: required``). For repeated fields call
+    ``tensor_from_proto(item, name=f"ref_latents[{i}]")``.
+    """
+    if not parent.HasField(field):
+        if required:
+            raise ValueError(f"{field}: required")
+        return None
+    return tensor_from_proto(getattr(parent, field), name=field, copy=copy)

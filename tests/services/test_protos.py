@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import common_pb2, dit_pb2, dit_pb2_grpc, generation_pb2, planner_pb2, vae_pb2, vae_pb2_grpc
-from protos.server_extras import SERVICE_NAMES, add_health_and_reflection
-from protos.tensors import ndarray_from_proto, tensor_from_proto, tensor_to_proto
+from protos.server_extras import SERVICE_NAMES, add_health_and_reflection, add_health_and_reflection_async
+from protos.tensors import ndarray_from_proto, tensor_field, tensor_from_proto, tensor_to_proto
 
 # ---------------------------------------------------------------- generated stubs
 
@@ -165,17 +165,25 @@ def test_decoding_shares_the_message_bytes_unless_copy_is_asked():
     assert tensor_from_proto(msg)[0].item() == 0.0
 
 
-def test_fill_an_existing_field_in_place():
+def test_fill_an_existing_field_in_place_and_read_fields_by_name():
     req = dit_pb2.DenoiseRequest(request_id="r")
     tensor_to_proto(torch.ones(4, 8), out=req.text_condition)
     assert req.HasField("text_condition") and list(req.text_condition.shape) == [4, 8]
+    assert torch.equal(tensor_field(req, "text_condition"), torch.ones(4, 8))
+    assert tensor_field(req, "negative_condition") is None
+    with pytest.raises(ValueError, match="^negative_condition: required$"):
+        tensor_field(req, "negative_condition", required=True)
+    req.image_condition.dtype = "float32"
+    req.image_condition.shape.append(3)
+    with pytest.raises(ValueError, match="^image_condition: 0 data bytes"):
+        tensor_field(req, "image_condition")
 
 
 @pytest.mark.parametrize(
     "msg,match",
     [
         (common_pb2.Tensor(dtype="float64", shape=[1], data=b"\0" * 8), "text_condition: unsupported dtype 'float64'"),
-        (common_pb2.Tensor(dtype="", shape=[1], data=b"\0" * 4), "text_condition: unsupported dtype ''"),
+        (common_pb2.Tensor(dtype="", shape=[1], data=b"\0" * 4), "text_condition: tensor is missing"),
         (common_pb2.Tensor(dtype="float32", shape=[2, -1], data=b""), "text_condition: negative dimension"),
         (common_pb2.Tensor(dtype="float32", shape=[2, 3], data=b"\0" * 23), r"text_condition: 23 data bytes .* \(expected 24\)"),
         (common_pb2.Tensor(dtype="bfloat16", shape=[4], data=b"\0" * 4), "text_condition: 4 data bytes"),
@@ -289,3 +297,27 @@ def test_add_health_rejects_bad_service_names():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     with pytest.raises(ValueError, match="service_names"):
         add_health_and_reflection(server, ["/mammoth.v1.DiT/Denoise"])
+
+
+def test_aio_server_health_and_reflection():
+    import asyncio
+
+    async def main():
+        server = grpc.aio.server()
+        with pytest.raises(TypeError, match="add_health_and_reflection_async"):
+            add_health_and_reflection(server, ["mammoth.v1.DiT"])
+        health = await add_health_and_reflection_async(server, [SERVICE_NAMES["generation"]])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                request = health_pb2.HealthCheckRequest(service="mammoth.v1.Generation")
+                first = (await check(request, timeout=30)).status
+                await health.set("mammoth.v1.Generation", health_pb2.HealthCheckResponse.NOT_SERVING)
+                second = (await check(request, timeout=30)).status
+        finally:
+            await server.stop(None)
+        return first, second
+
+    assert asyncio.run(main()) == (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
