@@ -158,7 +158,9 @@ def load_state_into(model: nn.Module, directory: str | Path, *, device: torch.de
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"tensor '{name}' in {directory} holds NaN or Inf values")
         target = dtype if (dtype is not None and tensor.is_floating_point()) else want.dtype
-        state[name] = tensor.to(device=device, dtype=target)
+        # copy=True: own, aligned memory instead of views into the mmap'd file (kernels pick
+        # different paths on unaligned buffers, and the file may change after load).
+        state[name] = tensor.to(device=device, dtype=target, copy=True)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
