@@ -235,7 +235,7 @@ class ServeConfig(_Section):
     dit: DiTSettings = Field(default_factory=DiTSettings)
     vae: VAESettings = Field(default_factory=VAESettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
-    metrics: bool = True
+    metrics: bool = True  # request/stage metrics from the deployments (Ray's Prometheus export)
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"
     env_vars: dict[str, str] = Field(default_factory=dict)  # for every application
 
@@ -250,7 +250,7 @@ class ServeConfig(_Section):
                                  "(Ray hides GPUs from replicas that reserve none)")
             if not on_cuda and gpus > 0:
                 raise ValueError(f"{stage}.ray_actor_options.num_gpus: {gpus} reserved but {stage} runs on cpu")
-        if self.device == "cpu" and self.planner.engine.kv_cache_gib is None:
+        if self.resolved_device("planner") == "cpu" and self.planner.engine.kv_cache_gib is None:
             raise ValueError("planner.engine.kv_cache_gib: required on cpu (vLLM would take ~90% of RAM)")
         return self
 
