@@ -27,6 +27,26 @@ def test_committed_stubs_are_up_to_date():
     assert stale_stubs() == [], "run `python -m protos.build` and commit the stubs"
 
 
+def test_check_detects_stale_missing_and_orphaned_stubs(tmp_path, monkeypatch):
+    pytest.importorskip("grpc_tools")
+    import shutil
+
+    from protos import build
+
+    copy = tmp_path / "protos"
+    shutil.copytree(build.PROTO_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(build, "PROTO_DIR", copy)
+    monkeypatch.setattr(build, "ROOT", tmp_path)
+    assert build.stale_stubs() == []
+    (copy / "vae_pb2.py").write_text((copy / "vae_pb2.py").read_text() + "# edited\n")
+    (copy / "dit_pb2_grpc.py").unlink()
+    (copy / "old_pb2.py").write_text("")
+    assert build.stale_stubs() == ["dit_pb2_grpc.py (missing)", "vae_pb2.py (out of date)", "old_pb2.py (no .proto)"]
+    assert build.main(["--check"]) == 1
+    assert sorted(build.build()) == ["dit_pb2_grpc.py", "old_pb2.py", "vae_pb2.py"]
+    assert build.stale_stubs() == [] and build.main(["--check"]) == 0
+
+
 def test_stubs_import_from_the_installed_package(tmp_path):
     # The Ray Serve proxy imports the stubs by module path from wherever it runs.
     code = "import protos.generation_pb2_grpc as g, protos.planner_pb2 as p; print(g.__name__, p.__file__)"
