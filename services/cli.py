@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -35,6 +36,30 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_or_print(text: str, output: str | None) -> None:
+    if output:
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _cmd_config_render(args: argparse.Namespace) -> int:
+    from .config import ServeConfig
+    from .render import render_yaml
+
+    cfg = ServeConfig.load(args.config) if args.config else ServeConfig()
+    _write_or_print(render_yaml(cfg, source=args.config), args.output)
+    return 0
+
+
+def _cmd_config_default(args: argparse.Namespace) -> int:
+    from .config import ServeConfig
+
+    make = ServeConfig.default_gpu if args.gpu else ServeConfig.default_cpu
+    _write_or_print(make(args.model).dump(), args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mammoth", description="Mammoth Serve: MammothModa2/2.5 serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=_cmd_init_tiny)
+
+    p = sub.add_parser("config", help="the serving config: write defaults, render the Ray Serve config")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    r = config_sub.add_parser("render", help="render the Ray Serve config (serve run / KubeRay serveConfigV2)")
+    r.add_argument("--config", help="mammoth config YAML (default: the built-in CPU defaults)")
+    r.add_argument("-o", "--output", help="write here instead of stdout")
+    r.set_defaults(func=_cmd_config_render)
+    d = config_sub.add_parser("default", help="print a complete default config to edit")
+    d.add_argument("--gpu", action="store_true", help="GPU defaults (num_gpus, autoscaling) instead of CPU")
+    d.add_argument("--model", help="model directory (default: the tiny-mammoth2 preset)")
+    d.add_argument("-o", "--output", help="write here instead of stdout")
+    d.set_defaults(func=_cmd_config_default)
     return parser
 
 

@@ -1,0 +1,116 @@
+"""One DiT denoising step of a mid-size MammothModa2 config vs this machine's dense GEMM rate.
+
+The step is the engine's real per-step forward: a CFG pair (conditional + unconditional rows)
+through ``Mammoth2Transformer.forward`` with everything timestep-independent prepared once.
+FLOPs are counted by torch's ``FlopCounterMode`` on that very forward; the GEMM rate is measured
+in the same run, same dtype, on a matmul of the model's own FFN shape. Prints JSON last.
+
+    python -m bench.dit_step --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dit_worker.models.transformer_mammoth2 import (
+    Mammoth2Condition,
+    Mammoth2DiTConfig,
+    Mammoth2ImageEmbedderConfig,
+    Mammoth2Transformer,
+)
+
+
+def mid_config(width: int, layers: int) -> Mammoth2DiTConfig:
+    heads = width // 128
+    return Mammoth2DiTConfig(
+        hidden_size=width, num_layers=layers, num_refiner_layers=1, num_attention_heads=heads,
+        num_kv_heads=max(1, heads // 2), axes_dim_rope=(32, 48, 48), llm_hidden_size=1024,
+        gen_image_condition_refiner_config=Mammoth2ImageEmbedderConfig(num_queries=32, num_layers=1),
+    )
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(dtype: torch.dtype, width: int, layers: int, image_px: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    config = mid_config(width, layers)
+    model = Mammoth2Transformer(config).to(dtype).eval()
+    latent = image_px // 8
+    text = torch.randn(64, config.llm_hidden_size, dtype=dtype)
+    conditions = [Mammoth2Condition(text=text, image=torch.randn(256, config.llm_hidden_size, dtype=dtype)),
+                  Mammoth2Condition(text=torch.randn(24, config.llm_hidden_size, dtype=dtype))]
+    with torch.inference_mode():
+        prepared = model.prepare(conditions)
+        latents = torch.randn(2, config.in_channels, latent, latent, dtype=dtype)
+        timestep = torch.full((2,), 0.5, dtype=dtype)
+
+        def step() -> None:
+            model(latents, timestep, prepared)
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+        step_s = _median_seconds(step, repeats)
+
+        tokens = 2 * ((latent // 2) ** 2 + 64)
+        inner = model.layers[0].feed_forward.linear_1.out_features
+        a = torch.randn(tokens, width, dtype=dtype)
+        b = torch.randn(width, inner, dtype=dtype)
+        gemm_s = _median_seconds(lambda: a @ b, repeats * 3)
+    gemm_gflops = 2 * tokens * width * inner / gemm_s / 1e9
+    step_gflops = flops / step_s / 1e9
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "step_ms": round(step_s * 1e3, 2),
+        "step_gflop": round(flops / 1e9, 2),
+        "step_gflops_per_s": round(step_gflops, 1),
+        "gemm_gflops_per_s": round(gemm_gflops, 1),
+        "fraction_of_gemm": round(step_gflops / gemm_gflops, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--image-px", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if args.width < 1024:
+        parser.error("--width: the benchmark is defined for mid-size configs (>= 1024)")
+    runs = [measure(dtype, args.width, args.layers, args.image_px, args.repeats)
+            for dtype in (torch.float32, torch.bfloat16)]
+    best = max(runs, key=lambda r: r["step_gflops_per_s"])
+    result = {
+        "bench": "dit_step",
+        "config": {"width": args.width, "layers": args.layers, "image_px": args.image_px, "cfg_rows": 2,
+                   "threads": torch.get_num_threads()},
+        "runs": runs,
+        "dtype": best["dtype"],
+        "fraction_of_gemm": best["fraction_of_gemm"],
+        "target_fraction_of_gemm": 0.5,
+    }
+    if not args.json:
+        for run in runs:
+            print(f"{run['dtype']:9s} step {run['step_ms']} ms  {run['step_gflops_per_s']} GFLOP/s  "
+                  f"GEMM {run['gemm_gflops_per_s']} GFLOP/s  fraction {run['fraction_of_gemm']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
