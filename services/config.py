@@ -35,6 +35,9 @@ EngineDevice = Literal["cpu", "cuda"]
 DType = Literal["float32", "bfloat16", "float16"]
 MiB = 1024 * 1024
 DEFAULT_PRESET = "tiny-mammoth2"
+# The embedded default serves one model of each family so every task works out of the box.
+DEFAULT_MODELS = {"image": "tiny-mammoth2", "video": "tiny-mammoth25"}
+ModelName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
 
 
 class ConfigError(ValueError):
@@ -224,13 +227,29 @@ class ModelSettings(_Section):
             return Path(self.path).expanduser()
         return Path(self.cache_dir).expanduser() / str(self.preset)
 
+    def family(self) -> str:
+        """``mammoth2`` (image tasks) or ``mammoth25`` (video tasks); a path is asked its index."""
+        from .presets import get_preset
+
+        if self.preset is not None:
+            return get_preset(self.preset).family
+        from .model_dir import read_index
+
+        return read_index(self.directory()).family
+
+
+def _default_models() -> dict[str, ModelSettings]:
+    return {name: ModelSettings(preset=preset) for name, preset in DEFAULT_MODELS.items()}
+
 
 class ServeConfig(_Section):
     """The whole deployment. ``ServeConfig()`` is a working CPU config for the tiny preset."""
 
     version: Literal[1] = 1
     device: Device = "cpu"
-    model: ModelSettings = Field(default_factory=lambda: ModelSettings(preset=DEFAULT_PRESET))
+    # Served models by name; each gets its own planner / DiT / VAE applications. At most one
+    # per family: the ingress routes image tasks to the mammoth2 model, video to mammoth25.
+    models: dict[ModelName, ModelSettings] = Field(default_factory=_default_models, min_length=1)
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
     dit: DiTSettings = Field(default_factory=DiTSettings)
     vae: VAESettings = Field(default_factory=VAESettings)
@@ -241,6 +260,14 @@ class ServeConfig(_Section):
 
     @model_validator(mode="after")
     def _devices(self) -> Self:
+        seen: dict[str, str] = {}
+        for name, model in self.models.items():
+            family = model.family() if model.preset is not None else None
+            if family is not None and family in seen:
+                raise ValueError(f"models.{name}: a second {family} model (first: {seen[family]}); "
+                                 "the ingress routes each task family to one model")
+            if family is not None:
+                seen[family] = name
         for stage in ("planner", "dit", "vae"):
             section: DeploymentSettings = getattr(self, stage)
             gpus = section.ray_actor_options.num_gpus
@@ -273,17 +300,15 @@ class ServeConfig(_Section):
     @classmethod
     def default_cpu(cls, model_dir: str | Path | None = None) -> ServeConfig:
         """Fractional CPUs, one replica per stage, small vLLM KV cache: fits a 2-core box."""
-        model = ModelSettings(path=str(model_dir)) if model_dir is not None else ModelSettings(preset=DEFAULT_PRESET)
-        return cls(device="cpu", model=model)
+        return cls(device="cpu", models=_models_for(model_dir))
 
     @classmethod
     def default_gpu(cls, model_dir: str | Path | None = None) -> ServeConfig:
         """One GPU each for planner and DiT, half a GPU for the VAE; DiT and VAE autoscale."""
-        model = ModelSettings(path=str(model_dir)) if model_dir is not None else ModelSettings(preset=DEFAULT_PRESET)
         scale = AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=2)
         return cls(
             device="gpu",
-            model=model,
+            models=_models_for(model_dir),
             planner=PlannerSettings(
                 max_ongoing_requests=64, ray_actor_options=ActorOptions(num_cpus=2, num_gpus=1),
                 engine=PlannerEngine(kv_cache_gib=None, enforce_eager=False, max_num_seqs=64, max_model_len=8192),
@@ -340,6 +365,10 @@ class ServeConfig(_Section):
         if path is not None:
             Path(path).write_text(text)
         return text
+
+
+def _models_for(model_dir: str | Path | None) -> dict[str, ModelSettings]:
+    return _default_models() if model_dir is None else {"main": ModelSettings(path=str(model_dir))}
 
 
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.*)$", re.S)

@@ -98,10 +98,16 @@ def stage_env_vars(cfg: ServeConfig, stage: str) -> dict[str, str]:
     return dict(sorted(env.items()))
 
 
+def stage_app_name(model: str, stage: str) -> str:
+    """Serve application of one model's stage, e.g. ``image-dit``; also the gRPC ``application``
+    metadata a client sends to reach that stage's service directly."""
+    return f"{model}-{stage}"
+
+
 def _application(cfg: ServeConfig, spec: AppSpec, section: DeploymentSettings, route_prefix: str | None,
-                 args: dict[str, Any]) -> dict[str, Any]:
+                 args: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     app: dict[str, Any] = {
-        "name": spec.name,
+        "name": name or spec.name,
         "import_path": spec.import_path,
         "route_prefix": route_prefix,
         "args": copy.deepcopy(args),  # no shared objects: plain YAML without anchors
@@ -127,10 +133,12 @@ def render_serve_config(cfg: ServeConfig, *, validate: bool = True) -> dict[str,
     ingress = cfg.ingress
     args = {"config": cfg.to_dict()}
     timeout = ingress.limits.request_timeout_s
-    applications = [
-        _application(cfg, spec, getattr(cfg, stage), f"/stages/{spec.name}" if ingress.expose_stages else None, args)
-        for stage, spec in STAGE_APPS.items()
-    ]
+    applications = []
+    for model in cfg.models:
+        for stage, spec in STAGE_APPS.items():
+            name = stage_app_name(model, stage)
+            route = f"/stages/{name}" if ingress.expose_stages else None
+            applications.append(_application(cfg, spec, getattr(cfg, stage), route, {**args, "model": model}, name))
     applications.append(_application(cfg, INGRESS_APP, ingress, "/", args))
     out: dict[str, Any] = {
         "proxy_location": cfg.proxy_location,

@@ -15,12 +15,13 @@ from services.render import (
     grpc_servicer_functions,
     render_serve_config,
     render_yaml,
+    stage_app_name,
     validate_serve_config,
 )
 
 CUSTOM_YAML = """
 device: cpu
-model: {path: /models/tiny2}
+models: {main: {path: /models/tiny2}}
 planner:
   num_replicas: 2
   engine: {kv_cache_gib: 3, cpu_threads: 2, max_num_seqs: 4}
@@ -44,8 +45,17 @@ env_vars: {HF_HUB_OFFLINE: "1"}
 
 
 def _app(rendered: dict, name: str) -> dict:
-    (app,) = [a for a in rendered["applications"] if a["name"] == name]
+    """An application by name; a bare stage name means that stage of the first model."""
+    apps = [a for a in rendered["applications"] if a["name"] == name]
+    if not apps and name in STAGE_APPS:
+        apps = [a for a in rendered["applications"] if a["name"].endswith(f"-{name}")][:1]
+    (app,) = apps
     return app
+
+
+def _spec(app_name: str):
+    stage = app_name.rsplit("-", 1)[-1]
+    return STAGE_APPS.get(stage, INGRESS_APP)
 
 
 # ---------------------------------------------------------------- defaults and YAML
@@ -54,7 +64,9 @@ def _app(rendered: dict, name: str) -> dict:
 def test_defaults_are_a_working_cpu_config():
     cfg = ServeConfig()
     assert cfg == ServeConfig.loads("") == ServeConfig.loads("{}")
-    assert cfg.device == "cpu" and cfg.model.preset == "tiny-mammoth2" and cfg.model.path is None
+    assert cfg.device == "cpu" and {k: m.preset for k, m in cfg.models.items()} == {
+        "image": "tiny-mammoth2", "video": "tiny-mammoth25"}
+    assert [m.family() for m in cfg.models.values()] == ["mammoth2", "mammoth25"]
     assert cfg.ingress.grpc_port == 9000 and cfg.ingress.http_port == 8000
     for stage in ("planner", "dit", "vae"):
         section = getattr(cfg, stage)
@@ -67,8 +79,8 @@ def test_defaults_are_a_working_cpu_config():
 
 def test_default_cpu_and_gpu_constructors(tmp_path):
     cpu = ServeConfig.default_cpu(tmp_path)
-    assert cpu.model.path == str(tmp_path) and cpu.model.preset is None
-    assert cpu.model.directory() == tmp_path
+    assert cpu.models["main"].path == str(tmp_path) and cpu.models["main"].preset is None
+    assert cpu.models["main"].directory() == tmp_path
     gpu = ServeConfig.default_gpu(tmp_path)
     assert gpu.device == "gpu"
     for stage in ("planner", "dit", "vae"):
@@ -78,8 +90,8 @@ def test_default_cpu_and_gpu_constructors(tmp_path):
 
 
 def test_preset_model_directory_lives_under_the_cache_dir(tmp_path):
-    cfg = ServeConfig.loads(f"model: {{preset: tiny-mammoth25, cache_dir: {tmp_path}}}")
-    assert cfg.model.directory() == tmp_path / "tiny-mammoth25"
+    cfg = ServeConfig.loads(f"models: {{v: {{preset: tiny-mammoth25, cache_dir: {tmp_path}}}}}")
+    assert cfg.models["v"].directory() == tmp_path / "tiny-mammoth25"
 
 
 @pytest.mark.parametrize("make", [ServeConfig, lambda: ServeConfig.default_gpu("/m"), lambda: ServeConfig.loads(CUSTOM_YAML)],
@@ -128,8 +140,11 @@ def test_custom_values_are_read():
         ("device: gpu", "planner.ray_actor_options.num_gpus", "must be > 0"),
         ("dit: {ray_actor_options: {num_gpus: 1}}", "dit.ray_actor_options.num_gpus", "runs on cpu"),
         ("planner: {engine: {kv_cache_gib: null}}", "planner.engine.kv_cache_gib", "required on cpu"),
-        ("model: {path: /m, preset: tiny-mammoth2}", "model.path", "exactly one"),
-        ("model: {preset: huge-9000}", "model.preset", "unknown 'huge-9000'"),
+        ("models: {a: {path: /m, preset: tiny-mammoth2}}", "models.a.path", "exactly one"),
+        ("models: {a: {preset: huge-9000}}", "models.a.preset", "unknown 'huge-9000'"),
+        ("models: {a: {preset: tiny-mammoth2}, b: {preset: mammoth2-dev}}", "models.b", "second mammoth2"),
+        ("models: {Bad_Name: {preset: tiny-mammoth2}}", "models.Bad_Name.[key]", "should match pattern"),
+        ("models: {}", "models", "at least 1"),
         ("version: 2", "version", "1"),
     ],
 )
@@ -171,23 +186,26 @@ def test_render_validates_against_rays_schema(make):
     cfg = make()
     rendered = render_serve_config(cfg, validate=False)
     schema = validate_serve_config(rendered)
-    assert [a.name for a in schema.applications] == ["planner", "dit", "vae", "mammoth"]
+    expected = [stage_app_name(m, s) for m in cfg.models for s in STAGE_APPS] + ["mammoth"]
+    assert [a.name for a in schema.applications] == expected
     assert schema.grpc_options.port == cfg.ingress.grpc_port and schema.http_options.port == cfg.ingress.http_port
     for app in schema.applications:
-        spec = STAGE_APPS.get(app.name, INGRESS_APP)
+        spec = _spec(app.name)
         assert app.import_path == spec.import_path
         assert [d.name for d in app.deployments] == [spec.deployment]
         assert ServeConfig.from_app_args(app.args) == cfg, "builders rebuild the same config"
+        assert app.args.get("model") in (None, *cfg.models)
 
 
 def test_route_prefixes_and_servicers_follow_expose_stages():
     hidden = render_serve_config(ServeConfig())
     assert _app(hidden, "mammoth")["route_prefix"] == "/"
-    assert all(_app(hidden, s)["route_prefix"] is None for s in STAGE_APPS)
+    assert all(a["route_prefix"] is None for a in hidden["applications"] if a["name"] != "mammoth")
     assert hidden["grpc_options"]["grpc_servicer_functions"] == [INGRESS_APP.servicer, HEALTH_SERVICER]
 
     exposed = render_serve_config(ServeConfig.loads("ingress: {expose_stages: true, grpc_health: false}"))
-    assert [_app(exposed, s)["route_prefix"] for s in STAGE_APPS] == ["/stages/planner", "/stages/dit", "/stages/vae"]
+    assert [_app(exposed, s)["route_prefix"] for s in STAGE_APPS] == [
+        "/stages/image-planner", "/stages/image-dit", "/stages/image-vae"]
     assert exposed["grpc_options"]["grpc_servicer_functions"] == [
         INGRESS_APP.servicer, *(spec.servicer for spec in STAGE_APPS.values())
     ]
