@@ -1,0 +1,37 @@
+"""All media that enters or leaves the system: bounded decoding of untrusted bytes, grid fitting,
+and deterministic encoding of results."""
+
+from vae_worker.media.decode import decode_image, decode_video, sniff_format
+from vae_worker.media.encode import encode_image, encode_video
+from vae_worker.media.errors import (
+    CorruptMedia,
+    EmptyMedia,
+    MediaError,
+    MediaTimeout,
+    MediaTooLarge,
+    MediaTooSmall,
+    UnsupportedMedia,
+)
+from vae_worker.media.grid import POLICIES, fit_to_grid, grid_size, grid_size_for_area, trim_to_4k1
+from vae_worker.media.limits import MediaLimits
+
+__all__ = [
+    "POLICIES",
+    "CorruptMedia",
+    "EmptyMedia",
+    "MediaError",
+    "MediaLimits",
+    "MediaTimeout",
+    "MediaTooLarge",
+    "MediaTooSmall",
+    "UnsupportedMedia",
+    "decode_image",
+    "decode_video",
+    "encode_image",
+    "encode_video",
+    "fit_to_grid",
+    "grid_size",
+    "grid_size_for_area",
+    "sniff_format",
+    "trim_to_4k1",
+]
