@@ -63,6 +63,7 @@ class _VAEEngine:
     """Shared plumbing: device/dtype, budget, lock, lazily fitted preview map."""
 
     expected_class: str = ""
+    _preview_fit_size: int = 64
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> None:
@@ -113,7 +114,8 @@ class _VAEEngine:
     def _preview_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
             if self._preview is None:
-                self._preview = fit_linear_map(self._encode_images_for_preview, self.spatial_compression)
+                self._preview = fit_linear_map(self._encode_images_for_preview, self.spatial_compression,
+                                               size=self._preview_fit_size)
             return self._preview
 
     def _encode_images_for_preview(self, images: torch.Tensor) -> torch.Tensor:
@@ -222,6 +224,7 @@ class VideoVAE(_VAEEngine):
     """MammothModa2.5 video VAE (diffusers ``AutoencoderKLWan``: causal 3D, 4x time, 8x space)."""
 
     expected_class = "AutoencoderKLWan"
+    _preview_fit_size = 32  # the 3D encoder is costlier; 24 x 4x4 latent pixels still over-determine 17 unknowns
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(model, config, **kwargs)

@@ -26,14 +26,14 @@ def synthetic_images(count: int = PREVIEW_FIT_IMAGES, size: int = PREVIEW_FIT_SI
     return (fields * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def fit_linear_map(encode: Callable[[torch.Tensor], torch.Tensor], factor: int,
-                   ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_linear_map(encode: Callable[[torch.Tensor], torch.Tensor], factor: int, ridge: float = 1e-3, *,
+                   count: int = PREVIEW_FIT_IMAGES, size: int = PREVIEW_FIT_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit ``rgb ~= latents @ weight + bias`` on synthetic images.
 
     ``encode`` maps uint8 [N,H,W,3] to normalised latents [N,C,H/f,W/f]; the target is the image
     average-pooled to latent resolution, in [-1, 1]. Returns (weight [C,3], bias [3]), float32.
     """
-    images = synthetic_images()
+    images = synthetic_images(count, size)
     latents = encode(images).float()  # [N, C, h, w]
     target = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     target = F.avg_pool2d(target, factor)

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-from vae_worker.media.errors import CorruptMedia, EmptyMedia, MediaTimeout, MediaTooLarge, UnsupportedMedia
+from vae_worker.media.errors import (
+    CorruptMedia,
+    EmptyMedia,
+    MediaError,
+    MediaTimeout,
+    MediaTooLarge,
+    UnsupportedMedia,
+)
 from vae_worker.media.limits import MediaLimits
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
@@ -141,6 +148,8 @@ def _decode_gif_video(data: bytes, limits: MediaLimits, field: str) -> tuple[np.
                 raise MediaTooLarge(f"longer than {limits.max_duration_s} s", field=field,
                                     limit=limits.max_duration_s)
             frames.append(np.asarray(_to_rgb(frame.convert("RGBA"))))
+    except MediaError:
+        raise
     except _PIL_ERRORS as exc:
         raise CorruptMedia(f"truncated or corrupt GIF data ({exc})", field=field) from exc
     if not frames:
