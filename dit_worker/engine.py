@@ -139,8 +139,12 @@ class DiTEngine:
             raise ValueError(f"a batch needs one latent shape, got {sorted(shapes)}")
         active, prepared = self._admit(requests)
         results: dict[str, DenoiseOutput | RequestAborted] = {}
-        while active:
-            active = self._step(active, prepared, results, progress)
+        try:
+            while active:
+                active = self._step(active, prepared, results, progress)
+        finally:
+            with self._lock:  # an abort that raced with completion must not linger
+                self._aborted.difference_update(r.request_id for r in requests)
         return [results[r.request_id] for r in requests]
 
     @torch.inference_mode()

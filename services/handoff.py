@@ -1,0 +1,75 @@
+"""What crosses stage boundaries inside the pipeline.
+
+Tensors travel as numpy arrays: Ray puts them in the object store once and readers map them
+zero-copy (a pickled torch tensor would be copied at every hop, FACTS §3). The same objects
+are what the stage gRPC services convert to and from ``protos`` messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class ImageConditions:
+    """Planner -> DiT for MammothModa2: averaged hidden states split by token kind."""
+
+    text: np.ndarray  # [Lt, D] float32
+    image: np.ndarray | None  # [Li, D]
+    negative: np.ndarray | None  # [Ln, D]
+    planned_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PromptConditions:
+    """Planner -> DiT for MammothModa2.5: last hidden states of prompt and negative prompt."""
+
+    prompt: np.ndarray  # [L, D]
+    negative: np.ndarray | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EncodedMedia:
+    """VAE -> DiT (latents) and -> planner (fitted pixels) for editing."""
+
+    latents: list[np.ndarray]  # images: one [C, h, w] each; video: one [C, f, h, w]
+    pixels: list[np.ndarray]  # the fitted uint8 inputs: [H, W, 3] each, or one [F, H, W, 3]
+    width: int
+    height: int
+    frames: int = 1
+    fps: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DenoiseStepEvent:
+    step: int
+    total: int
+    preview_latents: np.ndarray | None = None
+
+
+@dataclass
+class DenoiseDone:
+    """The final latents, as a handle: an ObjectRef under Ray (wrapped in a list so Ray does
+    not resolve it on the way through the ingress), the array itself in-process."""
+
+    latents: Any
+    shape: tuple[int, ...]
+    steps: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MediaOutput:
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    frames: int = 1
+    fps: int = 0
+    timings: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,194 @@
+"""DiT stage: a batching loop in front of the DiT engine.
+
+Requests arrive as async calls; a single worker task groups the queued ones that share a
+latent shape (waiting at most ``batch_wait_timeout_s`` for company), runs the engine on them in
+a thread, and streams each request's progress back to its caller. Cancelling a caller aborts
+its request inside the running batch at the next step; the rest of the batch carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dit_worker.engine import DenoiseOutput, DiTEngine, DiTEngineConfig, RequestAborted
+from dit_worker.requests import ImageDenoiseRequest, SamplingParams, VideoDenoiseRequest
+
+from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditions, PromptConditions
+from ..jobs import ImageJob, InvalidArgument, VideoJob
+
+Publish = Callable[[np.ndarray], Any]
+
+
+def _identity(array: np.ndarray) -> Any:
+    return array
+
+
+@dataclass
+class _Pending:
+    request: ImageDenoiseRequest | VideoDenoiseRequest
+    shape: tuple[int, ...]
+    events: asyncio.Queue
+    preview: bool
+    loop: asyncio.AbstractEventLoop
+    cancelled: bool = False
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DiTStage:
+    def __init__(self, engine: DiTEngine, *, max_batch_requests: int = 8, batch_wait_timeout_s: float = 0.01,
+                 publish: Publish = _identity):
+        self.engine = engine
+        self.max_batch_requests = max_batch_requests
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.publish = publish
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+        self._deferred: list[_Pending] = []
+        self.batches_run = 0
+        self.last_batch_size = 0
+        self.active_requests = 0
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, config: DiTEngineConfig, *, batch_wait_timeout_s: float = 0.01,
+                       publish: Publish = _identity) -> DiTStage:
+        engine = DiTEngine.from_pretrained(model_dir / "dit", config)
+        return cls(engine, max_batch_requests=max(1, config.max_batch_rows // 2),
+                   batch_wait_timeout_s=batch_wait_timeout_s, publish=publish)
+
+    # -- requests ----------------------------------------------------------------------------
+    def image_request(self, job: ImageJob, conditions: ImageConditions,
+                      references: EncodedMedia | None) -> ImageDenoiseRequest:
+        refs = [torch.from_numpy(np.asarray(r)) for r in references.latents] if references is not None else []
+        return ImageDenoiseRequest(
+            request_id=job.request_id,
+            text=torch.from_numpy(np.asarray(conditions.text)),
+            image=torch.from_numpy(np.asarray(conditions.image)) if conditions.image is not None else None,
+            negative=torch.from_numpy(np.asarray(conditions.negative)) if conditions.negative is not None else None,
+            latent_height=job.latent_height, latent_width=job.latent_width, ref_latents=refs,
+            text_guidance=job.text_guidance, image_guidance=job.image_guidance,
+            sampling=SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range),
+        )
+
+    def video_request(self, job: VideoJob, conditions: PromptConditions,
+                      source: EncodedMedia | None) -> VideoDenoiseRequest:
+        latents = torch.from_numpy(np.asarray(source.latents[0])) if source is not None else None
+        negative = conditions.negative
+        return VideoDenoiseRequest(
+            request_id=job.request_id,
+            prompt=torch.from_numpy(np.asarray(conditions.prompt)),
+            negative=torch.from_numpy(np.asarray(negative)) if negative is not None and len(negative) else None,
+            latent_frames=job.latent_frames, latent_height=job.latent_height, latent_width=job.latent_width,
+            source_latents=latents, guidance=job.guidance, context_guidance=job.context_guidance,
+            sampling=SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range),
+        )
+
+    async def denoise(self, job: ImageJob | VideoJob, conditions: Any,
+                      media: Any = None) -> AsyncIterator[DenoiseStepEvent | DenoiseDone]:
+        """Stream step events, then one ``DenoiseDone``. ``conditions``/``media`` may be
+        awaitables (in-process pipeline) or already resolved (Ray resolves them)."""
+        if inspect.isawaitable(conditions):
+            conditions = await conditions
+        if inspect.isawaitable(media):
+            media = await media
+        if isinstance(job, ImageJob):
+            request = self.image_request(job, conditions, media)
+        else:
+            request = self.video_request(job, conditions, media)
+        try:
+            self.engine.validate(request)
+        except ValueError as exc:  # the engine's messages start with the field name
+            field, _, message = str(exc).partition(": ")
+            raise InvalidArgument(field, message or field) from None
+        shape = self.engine.family.latent_shape(request, self.engine.latent_channels)
+        pending = _Pending(request, shape, asyncio.Queue(), job.preview, asyncio.get_running_loop())
+        self._ensure_worker()
+        await self._queue.put(pending)
+        finished = False
+        try:
+            while True:
+                event = await pending.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, DenoiseDone):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                pending.cancelled = True
+                self.engine.abort(request.request_id)
+
+    # -- batching loop -----------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def _next_batch(self) -> list[_Pending]:
+        first = self._deferred.pop(0) if self._deferred else await self._queue.get()
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait_timeout_s
+        keep: list[_Pending] = []
+        for item in self._deferred:  # earlier arrivals of the same shape join first
+            (batch if item.shape == first.shape and len(batch) < self.max_batch_requests else keep).append(item)
+        self._deferred = keep
+        while len(batch) < self.max_batch_requests:
+            timeout = deadline - time.monotonic()
+            try:
+                item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+            (batch if item.shape == first.shape else self._deferred).append(item)
+        return [p for p in batch if not p.cancelled]
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            self.batches_run += 1
+            self.last_batch_size = len(batch)
+            self.active_requests = len(batch)
+            progress = functools.partial(self._progress, {p.request.request_id: p for p in batch})
+            try:
+                outputs = await asyncio.to_thread(self.engine.generate, [p.request for p in batch], progress)
+            except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch
+                for pending in batch:
+                    pending.events.put_nowait(exc)
+                continue
+            finally:
+                self.active_requests = 0
+            for pending, output in zip(batch, outputs):
+                if isinstance(output, RequestAborted):
+                    pending.events.put_nowait(asyncio.CancelledError())
+                    continue
+                pending.events.put_nowait(self._done(output, pending))
+
+    @staticmethod
+    def _progress(by_id: dict[str, _Pending], request_id: str, step: int, total: int, latents: torch.Tensor) -> None:
+        """Runs in the engine thread: hand the event to the caller's loop."""
+        pending = by_id[request_id]
+        preview = latents.float().cpu().numpy().copy() if pending.preview else None
+        pending.loop.call_soon_threadsafe(pending.events.put_nowait, DenoiseStepEvent(step, total, preview))
+
+    def _done(self, output: DenoiseOutput, pending: _Pending) -> DenoiseDone:
+        array = np.ascontiguousarray(output.latents.float().cpu().numpy())
+        timings = {"dit": output.seconds, "dit_queue": max(0.0, time.perf_counter() - pending.enqueued - output.seconds)}
+        return DenoiseDone(self.publish(array), tuple(array.shape), output.steps, timings)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker

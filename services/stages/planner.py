@@ -1,0 +1,125 @@
+"""Planner stage: visual-token planning, prompt encoding and understanding on vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from planner.engine import PlannerEngine, planner_config_from_dir
+from vae_worker.media import MediaLimits, decode_image, decode_video
+
+from ..config import PlannerEngine as PlannerEngineSettings
+from ..handoff import EncodedMedia, ImageConditions, PromptConditions
+from ..jobs import ImageJob, UnderstandJob, VideoJob
+
+NEGATIVE_CACHE_SIZE = 64
+
+
+def planner_config(model_dir: Path, settings: PlannerEngineSettings, device: str, dtype: str):
+    """Serving config -> vLLM engine config for ``<model>/planner``."""
+    return planner_config_from_dir(
+        model_dir / "planner",
+        device=device,
+        dtype="auto" if device == "cpu" else dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        enforce_eager=settings.enforce_eager,
+        kv_cache_gib=int(settings.kv_cache_gib or 2),
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        disable_multiprocessing=not settings.multiprocessing,
+    )
+
+
+class PlannerStage:
+    def __init__(self, engine: PlannerEngine, media_limits: MediaLimits | None = None):
+        self.engine = engine
+        self.media_limits = media_limits or MediaLimits()
+        self._prompt_cache: OrderedDict[str, asyncio.Future] = OrderedDict()
+
+    @classmethod
+    async def start(cls, model_dir: Path, settings: PlannerEngineSettings, *, device: str = "cpu",
+                    dtype: str = "float32", media_limits: MediaLimits | None = None) -> PlannerStage:
+        engine = PlannerEngine(planner_config(model_dir, settings, device, dtype))
+        await engine.start()
+        return cls(engine, media_limits)
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+
+    # -- image family -------------------------------------------------------------------------
+    async def plan_image(self, job: ImageJob, references: EncodedMedia | None = None) -> ImageConditions:
+        images = [Image.fromarray(p) for p in references.pixels] if references is not None else []
+        start = time.perf_counter()
+        result = await self.engine.plan_image(
+            job.prompt, ar_height=job.ar_height, ar_width=job.ar_width, cfg_scale=job.ar_cfg_scale,
+            seed=job.seed, temperature=job.ar_temperature, top_k=job.ar_top_k, top_p=job.ar_top_p,
+            reference_images=images, negative_prompt=job.negative_prompt,
+        )
+        timings = {f"planner_{k}": float(v) for k, v in result.timings.items()}
+        timings["planner"] = time.perf_counter() - start
+        return ImageConditions(
+            text=_numpy(result.text_condition),
+            image=_numpy(result.image_condition) if result.image_condition.numel() else None,
+            negative=_numpy(result.negative_condition) if result.negative_condition is not None else None,
+            planned_tokens=int(result.visual_token_ids.numel()),
+            timings=timings,
+        )
+
+    # -- video family -------------------------------------------------------------------------
+    async def encode_prompts(self, job: VideoJob) -> PromptConditions:
+        start = time.perf_counter()
+        prompt = asyncio.ensure_future(self.engine.encode_prompt(job.prompt))
+        negative = self._cached_prompt(job.negative_prompt)
+        hidden, negative_hidden = await asyncio.gather(prompt, asyncio.shield(negative))
+        return PromptConditions(_numpy(hidden), _numpy(negative_hidden),
+                                {"planner": time.perf_counter() - start})
+
+    def _cached_prompt(self, text: str) -> asyncio.Future:
+        """Negative prompts repeat across requests: encode each distinct one once (LRU)."""
+        future = self._prompt_cache.get(text)
+        if future is not None and not (future.done() and (future.cancelled() or future.exception())):
+            self._prompt_cache.move_to_end(text)
+            return future
+        future = asyncio.ensure_future(self.engine.encode_prompt(text))
+        self._prompt_cache[text] = future
+        while len(self._prompt_cache) > NEGATIVE_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return future
+
+    # -- understanding ------------------------------------------------------------------------
+    async def understand(self, job: UnderstandJob) -> AsyncIterator[str]:
+        messages = [await self._decode_media(i, m) for i, m in enumerate(job.messages)]
+        sampling: dict[str, Any] = {"max_tokens": job.max_tokens, "temperature": job.temperature,
+                                    "top_p": job.top_p, "seed": job.seed, "stop": job.stop or None}
+        async for delta in self.engine.understand(messages, sampling):
+            yield delta
+
+    async def _decode_media(self, index: int, message: dict[str, Any]) -> dict[str, Any]:
+        content = []
+        for j, part in enumerate(message["content"]):
+            field = f"messages[{index}].content[{j}]"
+            if part["type"] == "image":
+                array = await asyncio.to_thread(decode_image, part["data"], self.media_limits, f"{field}.image")
+                content.append({"type": "image", "image": _pil(array)})
+            elif part["type"] == "video":
+                frames, fps = await asyncio.to_thread(decode_video, part["data"], self.media_limits, f"{field}.video")
+                content.append({"type": "video", "video": frames, "fps": fps})
+            else:
+                content.append(part)
+        return {"role": message["role"], "content": content}
+
+
+def _numpy(tensor: Any) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().float().cpu().numpy())
+
+
+def _pil(image: Any) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))

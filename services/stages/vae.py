@@ -1,0 +1,114 @@
+"""VAE stage: untrusted media in (decode, validate, fit, encode to latents), media out."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vae_worker.engine import ImageVAE, VideoVAE
+from vae_worker.media import (
+    MediaLimits,
+    decode_image,
+    decode_video,
+    encode_image,
+    encode_video,
+    fit_to_grid,
+    grid_size,
+    trim_to_4k1,
+)
+
+from ..handoff import EncodedMedia, MediaOutput
+from ..jobs import MIME, ImageJob, InvalidArgument, OutputSpec, VideoJob
+
+Resolve = Callable[[Any], Any]
+
+
+async def _resolve_local(handle: Any) -> Any:
+    return await handle if inspect.isawaitable(handle) else handle
+
+
+class VAEStage:
+    """One model's VAE (image or video family) plus the media codecs around it."""
+
+    def __init__(self, vae: ImageVAE | VideoVAE, media_limits: MediaLimits | None = None,
+                 resolve: Callable[[Any], Any] = _resolve_local):
+        self.vae = vae
+        self.is_video = isinstance(vae, VideoVAE)
+        self.media_limits = media_limits or MediaLimits()
+        self.resolve = resolve
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, family: str, *, device: str = "cpu", dtype: str = "float32",
+                       memory_budget_mb: float = 2048, media_limits: MediaLimits | None = None,
+                       resolve: Callable[[Any], Any] = _resolve_local) -> VAEStage:
+        engine_cls = VideoVAE if family == "mammoth25" else ImageVAE
+        vae = engine_cls.from_pretrained(model_dir / "vae", device=device, dtype=getattr(torch, dtype),
+                                         memory_budget_mb=memory_budget_mb)
+        return cls(vae, media_limits, resolve)
+
+    # -- media in ----------------------------------------------------------------------------
+    async def encode_references(self, job: ImageJob) -> EncodedMedia:
+        """Reference images -> fitted pixels (for the planner) and latents (for the DiT).
+
+        With no size in the request, the first image's aspect ratio picks the output size
+        (within the model's default area); every reference is fitted to that grid.
+        """
+        start = time.perf_counter()
+        images = [await asyncio.to_thread(decode_image, data, self.media_limits, f"reference_images[{i}]")
+                  for i, data in enumerate(job.reference_images)]
+        if job.size_from_reference:
+            width, height = grid_size(images[0].width, images[0].height, max_pixels=job.width * job.height)
+            job.width, job.height = width, height
+        pixels = [np.asarray(fit_to_grid(img, job.width, job.height, job.resize_policy), dtype=np.uint8)
+                  for img in images]
+        latents = await asyncio.to_thread(self._encode_images, pixels)
+        return EncodedMedia(latents, pixels, job.width, job.height, timings={"vae_encode": time.perf_counter() - start})
+
+    def _encode_images(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(self.vae.encode(torch.from_numpy(p)[None])[0].numpy()) for p in pixels]
+
+    async def encode_source_video(self, job: VideoJob) -> EncodedMedia:
+        start = time.perf_counter()
+        frames, fps = await asyncio.to_thread(decode_video, job.source_video, self.media_limits, "source_video")
+        if job.frames_from_source:
+            frames = trim_to_4k1(frames, self.vae.temporal_compression)
+            job.frames = int(frames.shape[0])
+        elif frames.shape[0] < job.frames:
+            raise InvalidArgument("frames", f"the source video has {frames.shape[0]} frames, {job.frames} asked")
+        else:
+            frames = frames[: job.frames]
+        if job.size_from_source:
+            job.width, job.height = grid_size(frames.shape[2], frames.shape[1], max_pixels=job.width * job.height)
+        fitted = np.asarray(fit_to_grid(frames, job.width, job.height, job.resize_policy), dtype=np.uint8)
+        latents = await asyncio.to_thread(lambda: self.vae.encode(torch.from_numpy(fitted)[None])[0].numpy())
+        return EncodedMedia([np.ascontiguousarray(latents)], [fitted], job.width, job.height, int(fitted.shape[0]),
+                            float(fps), timings={"vae_encode": time.perf_counter() - start})
+
+    # -- media out ---------------------------------------------------------------------------
+    async def decode(self, latents_handle: Any, output: OutputSpec) -> MediaOutput:
+        start = time.perf_counter()
+        latents = torch.from_numpy(np.asarray(await self.resolve(latents_handle)))
+        pixels = await asyncio.to_thread(lambda: self.vae.decode(latents[None])[0].numpy())
+        if self.is_video:
+            data = await asyncio.to_thread(encode_video, pixels, output.fps or 16, output.format)
+            frames, height, width = pixels.shape[0], pixels.shape[1], pixels.shape[2]
+        else:
+            data = await asyncio.to_thread(encode_image, pixels, output.format, output.quality)
+            frames, height, width = 1, pixels.shape[0], pixels.shape[1]
+        return MediaOutput(data, MIME[output.format], width, height, frames, output.fps if self.is_video else 0,
+                           {"vae_decode": time.perf_counter() - start})
+
+    async def preview(self, latents: np.ndarray) -> bytes:
+        """Cheap PNG preview of intermediate latents (fixed linear map, no VAE pass)."""
+        tensor = torch.from_numpy(np.asarray(latents))[None]
+        image = await asyncio.to_thread(lambda: self.vae.preview(tensor)[0].numpy())
+        if image.ndim == 4:  # video: preview the middle frame
+            image = image[image.shape[0] // 2]
+        return await asyncio.to_thread(encode_image, image, "png")
