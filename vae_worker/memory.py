@@ -15,10 +15,11 @@ from typing import Any
 # Live full-size tensors per conv level of an AutoencoderKL (input kept for the residual, norm and
 # activation outputs, conv outputs); measured 5.6-8.3 tensors at the widest level.
 _KL_TENSORS_PER_CHANNEL = 3.0
-# Floats per (pixel x base channel x residual block) of one AutoencoderKLWan decode/encode step
-# (4 frames at full resolution, the causal caches, conv3d workspaces): measured on CPU as ~27 for
-# the tiny config (1 block per level) and ~55 for the Wan2.1 config (2 blocks per level).
-_WAN_FLOATS_PER_PIXEL_CHANNEL_BLOCK = 28.0
+# Floats per (output pixel x base channel) of one AutoencoderKLWan decode/encode step. On CPU the
+# full-resolution causal conv3d runs as vol2col: a column buffer of 27 taps x 4 frames x C_in per
+# pixel = 108 floats, which matched the measured decode working set of the tiny config (453 MB at
+# 256 px); the Wan2.1 config measured about half that per channel. Conservative on GPU (cuDNN).
+_WAN_FLOATS_PER_PIXEL_CHANNEL = 108.0
 # The decoded video is assembled by repeated concatenation: ~3 copies of the float output live.
 _WAN_OUTPUT_COPIES = 3.0
 # Overlap factor 1/4 -> tiles cover the image ~(4/3)^2 times; diffusers keeps every decoded tile.
@@ -58,8 +59,7 @@ def kl_bytes(config: dict[str, Any], height: int, width: int, itemsize: int, *, 
 def wan_bytes(config: dict[str, Any], frames: int, height: int, width: int, itemsize: int) -> int:
     """Peak activation bytes of one AutoencoderKLWan sample (decode or encode: same order)."""
     base = int(config.get("decoder_base_dim") or config["base_dim"])
-    blocks = int(config.get("num_res_blocks", 2))
-    step = _WAN_FLOATS_PER_PIXEL_CHANNEL_BLOCK * blocks * base * height * width
+    step = _WAN_FLOATS_PER_PIXEL_CHANNEL * base * height * width
     video = _WAN_OUTPUT_COPIES * frames * 3 * height * width
     return int((step + video) * itemsize)
 
