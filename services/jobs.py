@@ -63,6 +63,7 @@ class ImageJob:
     reference_images: list[bytes] = field(default_factory=list)
     resize_policy: str = "resize"
     size_from_reference: bool = False
+    sigmas: list[float] | None = None  # explicit schedule for few-step (distilled) checkpoints
 
     @property
     def latent_height(self) -> int:
@@ -99,6 +100,7 @@ class VideoJob:
     resize_policy: str = "resize"
     size_from_source: bool = False
     frames_from_source: bool = False
+    sigmas: list[float] | None = None
 
     @property
     def latent_frames(self) -> int:

@@ -58,7 +58,8 @@ def _actor_options(section: DeploymentSettings) -> dict[str, Any]:
     return out
 
 
-def _deployment(name: str, section: DeploymentSettings) -> dict[str, Any]:
+def deployment_config(name: str, section: DeploymentSettings) -> dict[str, Any]:
+    """One deployment's Serve options (scaling, queue bounds, resources) from its config section."""
     out: dict[str, Any] = {"name": name}
     if section.autoscaling is not None:
         a = section.autoscaling
@@ -111,7 +112,7 @@ def _application(cfg: ServeConfig, spec: AppSpec, section: DeploymentSettings, r
         "import_path": spec.import_path,
         "route_prefix": route_prefix,
         "args": copy.deepcopy(args),  # no shared objects: plain YAML without anchors
-        "deployments": [_deployment(spec.deployment, section)],
+        "deployments": [deployment_config(spec.deployment, section)],
     }
     env = stage_env_vars(cfg, spec.name)
     if env:

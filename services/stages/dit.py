@@ -77,7 +77,7 @@ class DiTStage:
             negative=torch.from_numpy(np.asarray(conditions.negative)) if conditions.negative is not None else None,
             latent_height=job.latent_height, latent_width=job.latent_width, ref_latents=refs,
             text_guidance=job.text_guidance, image_guidance=job.image_guidance,
-            sampling=SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range),
+            sampling=SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range, sigmas=job.sigmas),
         )
 
     def video_request(self, job: VideoJob, conditions: PromptConditions,
@@ -90,7 +90,7 @@ class DiTStage:
             negative=torch.from_numpy(np.asarray(negative)) if negative is not None and len(negative) else None,
             latent_frames=job.latent_frames, latent_height=job.latent_height, latent_width=job.latent_width,
             source_latents=latents, guidance=job.guidance, context_guidance=job.context_guidance,
-            sampling=SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range),
+            sampling=SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range, sigmas=job.sigmas),
         )
 
     async def denoise(self, job: ImageJob | VideoJob, conditions: Any,

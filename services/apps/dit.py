@@ -1,0 +1,128 @@
+"""DiT application: the batched DiT engine of one model (expert-parallel MoE for video).
+
+Final latents are put in Ray's object store once and handed on as a reference, so the
+ingress forwards them to the VAE without ever reading them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+
+from protos import dit_pb2
+from protos.tensors import ndarray_from_proto, tensor_field, tensor_to_proto
+
+from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditions, PromptConditions
+from ..jobs import ImageJob, OutputSpec, VideoJob, check_cfg_range, check_seed, new_request_id
+from ..local import dit_engine_config
+from ..stages.dit import DiTStage
+from .common import StageMetrics, apply_threads, config_from_args, deployment_options, model_from_args
+from .grpc_util import grpc_abort, timings_proto
+
+
+def publish(array: np.ndarray) -> list:
+    """Wrap the ObjectRef in a list: Ray resolves only top-level refs, so it stays a reference."""
+    return [ray.put(array)]
+
+
+@serve.deployment(name="DiT")
+class DiTDeployment:
+    def __init__(self, args: dict[str, Any]):
+        self.cfg = config_from_args(args)
+        self.model, index = model_from_args(self.cfg, args)
+        self.family = index.family
+        apply_threads(self.cfg.dit.engine.cpu_threads)
+        self.stage = DiTStage.from_model_dir(index.root, dit_engine_config(self.cfg),
+                                             batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s,
+                                             publish=publish)
+        self.metrics = StageMetrics("dit", self.model)
+        self.step_time = serve.metrics.Histogram(
+            "mammoth_denoise_step_seconds", description="wall time of one denoising step of a request",
+            boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=("model",))
+        self.expert_tokens = serve.metrics.Counter(
+            "mammoth_expert_tokens_total", description="tokens routed to each MoE expert (all layers)",
+            tag_keys=("model", "expert"))
+        self.batch_size = serve.metrics.Gauge("mammoth_dit_batch_size", description="requests in the running batch",
+                                              tag_keys=("model",))
+
+    async def denoise(self, job: ImageJob | VideoJob, conditions: ImageConditions | PromptConditions,
+                      media: EncodedMedia | None = None) -> AsyncIterator[DenoiseStepEvent | DenoiseDone]:
+        tags = {"model": self.model}
+        with self.metrics.call("denoise"):
+            last = time.perf_counter()
+            async for event in self.stage.denoise(job, conditions, media):
+                now = time.perf_counter()
+                if isinstance(event, DenoiseStepEvent):
+                    self.step_time.observe(now - last, tags=tags)
+                    self.batch_size.set(self.stage.last_batch_size, tags=tags)
+                last = now
+                yield event
+            self._record_expert_load()
+
+    def _record_expert_load(self) -> None:
+        load = self.stage.engine.expert_load()
+        if not load:
+            return
+        totals = np.sum([np.asarray(v) for v in load.values()], axis=0)
+        for expert, count in enumerate(totals.tolist()):
+            if count:
+                self.expert_tokens.inc(count, tags={"model": self.model, "expert": str(expert)})
+
+    # -- gRPC: mammoth.v1.DiT ---------------------------------------------------------------
+    async def Denoise(self, request: dit_pb2.DenoiseRequest, grpc_context=None):  # noqa: N802
+        try:
+            job, conditions, media = self._from_proto(request)
+            async for event in self.stage.denoise(job, conditions, media):
+                if isinstance(event, DenoiseStepEvent):
+                    out = dit_pb2.DenoiseEvent(request_id=job.request_id)
+                    out.step.step, out.step.total = event.step, event.total
+                    if event.preview_latents is not None:
+                        tensor_to_proto(event.preview_latents, out=out.step.preview_latents)
+                    yield out
+                else:
+                    latents = ray.get(event.latents[0]) if isinstance(event.latents, list) else event.latents
+                    out = dit_pb2.DenoiseEvent(request_id=job.request_id)
+                    tensor_to_proto(np.asarray(latents), out=out.result.latents)
+                    out.result.timings.CopyFrom(timings_proto(event.timings))
+                    yield out
+        except Exception as exc:  # noqa: BLE001
+            grpc_abort(grpc_context, exc)
+
+    def _from_proto(self, request: dit_pb2.DenoiseRequest):
+        request_id = request.request_id or new_request_id("dit")
+        steps = request.steps or 50
+        seed = check_seed(request.seed)
+        cfg_range = check_cfg_range(request, (0.0, 1.0))
+        negative = tensor_field(request, "negative_condition")
+        if self.family == "mammoth2":
+            refs = [ndarray_from_proto(t, name=f"ref_latents[{i}]") for i, t in enumerate(request.ref_latents)]
+            image = tensor_field(request, "image_condition")
+            job = ImageJob(request_id, "", None, request.latent_width * 8, request.latent_height * 8, steps, seed,
+                           request.text_guidance if request.HasField("text_guidance") else 5.0,
+                           request.image_guidance if request.HasField("image_guidance") else 2.0, cfg_range,
+                           0, 0, 1.0, 1.0, 0, 1.0, OutputSpec("png"), preview=request.preview)
+            text = tensor_field(request, "text_condition", required=True)
+            conditions = ImageConditions(text.numpy(), image.numpy() if image is not None else None,
+                                         negative.numpy() if negative is not None else None, 0)
+            media = EncodedMedia(refs, [], job.width, job.height) if refs else None
+        else:
+            source = tensor_field(request, "source_latents")
+            job = VideoJob(request_id, "", "", request.latent_width * 8, request.latent_height * 8,
+                           (max(request.latent_frames, 1) - 1) * 4 + 1, 16, steps, seed,
+                           request.guidance if request.HasField("guidance") else 5.0,
+                           request.context_guidance if request.HasField("context_guidance") else 1.0,
+                           cfg_range, OutputSpec("mp4"), preview=request.preview)
+            prompt = tensor_field(request, "prompt_condition", required=True)
+            conditions = PromptConditions(prompt.numpy(), negative.numpy() if negative is not None else None)
+            media = EncodedMedia([source.numpy()], [], job.width, job.height) if source is not None else None
+        job.sigmas = list(request.sigmas) or None
+        return job, conditions, media
+
+
+def app(args: dict[str, Any]) -> serve.Application:
+    return DiTDeployment.options(**deployment_options(config_from_args(args), "dit")).bind(args)

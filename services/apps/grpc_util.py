@@ -1,0 +1,31 @@
+"""gRPC plumbing shared by the applications: status mapping and small message helpers."""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+from protos import common_pb2
+
+from ..errors import classify
+
+
+class GrpcAbort(Exception):
+    """Raised after the status is set on the context: Ray Serve then returns that status."""
+
+
+def grpc_abort(grpc_context: Any, exc: BaseException) -> NoReturn:
+    """End a gRPC call with the status ``exc`` maps to (never INTERNAL for client errors).
+
+    Under the Ray Serve proxy a plain exception surfaces as INTERNAL, and a status set on the
+    context of a stream that yields nothing is dropped; setting the code and then raising is
+    the one path that reaches the client for unary and streaming methods alike.
+    """
+    error = classify(exc)
+    if grpc_context is not None:
+        grpc_context.set_code(error.grpc_code)
+        grpc_context.set_details(error.message)
+    raise GrpcAbort(error.message) from None
+
+
+def timings_proto(timings: dict[str, float]) -> common_pb2.Timings:
+    return common_pb2.Timings(seconds={k: float(v) for k, v in timings.items()})
