@@ -15,20 +15,33 @@ Weight layout is the official one, so checkpoints load without renaming:
 ``shared_experts.weight1`` is ``[S*F_s, D]`` and ``weight2`` ``[D, S*F_s]`` (``nn.Linear``
 layout). The stacked layout feeds grouped GEMMs directly.
 
-Expert compute never loops over experts in Python: token->expert assignments are sorted once
-and run either as one ``bmm`` over capacity-padded expert groups (fastest on CPU when the load
-is balanced enough) or as one ``torch._grouped_mm`` over the ragged groups.
+Expert compute never loops over experts in Python: token->expert assignments are sorted once;
+each expert's first ``cap`` rows run as one ``bmm`` over an ``[E, cap]`` grid (the fastest CPU
+path) and the rows past ``cap`` of the busier experts as one ``torch._grouped_mm`` over ragged
+groups. ``cap`` minimises padding + overflow cost from the actual counts (one host sync).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# bmm over groups padded to the largest group beats the ragged grouped GEMM on CPU while the
-# padding stays below this fraction of the real rows (measured in bench/moe_layer.py).
-PAD_BUDGET = 0.25
+# Cost of the ragged grouped GEMM in rows of the padded bmm: per row, and per group (torch
+# 2.13's CPU grouped GEMM is a loop of per-group GEMMs that each re-pack the expert weights;
+# measured on AVX-512: ~2x per row, ~150-250 rows per group; erring towards padding).
+RAGGED_ROW_COST = 2.0
+RAGGED_GROUP_COST = 384.0
+
+
+def _gelu_tanh_(h: torch.Tensor) -> torch.Tensor:
+    """In-place GELU-tanh on a fresh activation (saves one [rows, F] buffer) unless autograd
+    needs the input."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return F.gelu(h, approximate="tanh")
+    return torch.ops.aten.gelu_(h, approximate="tanh")
 
 
 def _router_dtype(name: str) -> torch.dtype:
@@ -99,14 +112,14 @@ class GroupedExperts(nn.Module):
     def w2(self) -> torch.Tensor:  # [E, F, D]
         return self.weight2.view(self.num_experts, self.ffn_hidden_size, self.hidden_size)
 
-    def padded(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [E, C, D]`` (each expert's rows, zero-padded to capacity C) -> ``[E, C, D]``."""
-        h = F.gelu(torch.bmm(x, self.w1), approximate="tanh")
-        return torch.bmm(h, self.w2)
+    def padded(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [E, C, D]`` (each expert's rows, padded to capacity C) -> ``[E, C, D]``."""
+        h = _gelu_tanh_(torch.bmm(x, self.w1))
+        return torch.bmm(h, self.w2, out=out)
 
     def ragged(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """``x [N, D]`` sorted by expert, ``offsets`` int32 group ends -> ``[N, D]``."""
-        h = F.gelu(torch._grouped_mm(x, self.w1, offs=offsets), approximate="tanh")
+        h = _gelu_tanh_(torch._grouped_mm(x, self.w1, offs=offsets))
         return torch._grouped_mm(h, self.w2, offs=offsets)
 
 
@@ -142,7 +155,8 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(hidden_size, num_experts, ffn_hidden_size)
         self.shared_experts = (SharedExperts(hidden_size, num_shared_experts, shared_ffn_hidden_size)
                                if num_shared_experts > 0 else None)
-        self.pad_budget = PAD_BUDGET  # <0: always ragged grouped GEMM; inf: always padded bmm
+        self.ragged_row_cost = RAGGED_ROW_COST  # 0: all ragged grouped GEMM; inf: all padded bmm
+        self.ragged_group_cost = RAGGED_GROUP_COST
         self.last_expert_counts: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -161,28 +175,65 @@ class MoELayer(nn.Module):
         self.last_expert_counts = counts.detach()
         if tokens == 0:
             return torch.zeros_like(x)
-        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        ends = torch.cumsum(counts, 0)
-        capacity = int(counts.max())  # the one host sync of the layer
-        n = flat.numel()
-        if num_experts * capacity <= n * (1.0 + self.pad_budget):
-            # Slot of each assignment in the [E, capacity] grid: expert * C + rank in expert.
-            sorted_experts = flat[order]
-            rank = torch.arange(n, device=x.device) - (ends - counts)[sorted_experts]
-            slot_of_sorted = sorted_experts * capacity + rank
-            slot = torch.empty_like(slot_of_sorted).scatter_(0, order, slot_of_sorted)
-            source = torch.full((num_experts * capacity,), tokens, dtype=torch.long, device=x.device)
-            source.scatter_(0, slot, torch.arange(n, device=x.device) // k)
-            x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])  # row `tokens` feeds empty slots
-            grid = x_ext.index_select(0, source).view(num_experts, capacity, -1)
-            y = self.experts.padded(grid).view(num_experts * capacity, -1).index_select(0, slot)
-        else:
-            y_sorted = self.experts.ragged(x.index_select(0, order // k), ends.to(torch.int32))
-            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=x.device))
-            y = y_sorted.index_select(0, inverse)
-        # Weighted sum over the k choices in fp32 (the reference weighs in fp32 too).
-        combined = torch.bmm(weights.unsqueeze(1), y.view(tokens, k, -1).float()).squeeze(1)
-        return combined.to(x.dtype)
+        host_counts = counts.tolist()  # the one host sync of the layer (E integers)
+        cap = choose_capacity(host_counts, self.ragged_row_cost, self.ragged_group_cost)
+        overflow = sum(max(0, c - cap) for c in host_counts)
+
+        # Sort assignments by expert; rank = position inside its expert's group.
+        n, device = flat.numel(), x.device
+        order = torch.argsort(flat, stable=True)
+        sorted_experts = flat[order]
+        token_sorted = order // k
+        rank = torch.arange(n, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+        # Rows [0, E*cap) of `y_all`: the [E, cap] grid; rows past it: overflow, in sorted order.
+        bulk = num_experts * cap
+        in_bulk = rank < cap
+        row_sorted = torch.where(in_bulk, sorted_experts * cap + rank, bulk + torch.cumsum(~in_bulk, 0) - 1)
+        y_all = x.new_empty(bulk + overflow, x.shape[1])
+        if cap:
+            # Grid slot -> source token; empty slots read token 0 and are never read back.
+            source = torch.zeros(bulk + 1, dtype=torch.long, device=device)
+            source.scatter_(0, torch.where(in_bulk, row_sorted, bulk), token_sorted)
+            grid = x.index_select(0, source[:bulk]).view(num_experts, cap, -1)
+            if torch.is_grad_enabled():  # out= has no autograd; serving runs without grad
+                y_all[:bulk] = self.experts.padded(grid).view(bulk, -1)
+            else:
+                self.experts.padded(grid, out=y_all[:bulk].view(num_experts, cap, -1))
+        if overflow:
+            ends = torch.cumsum((counts - cap).clamp_(min=0), 0).to(torch.int32)
+            y_all[bulk:] = self.experts.ragged(x.index_select(0, token_sorted[~in_bulk]), ends)
+        row = torch.empty_like(row_sorted).scatter_(0, order, row_sorted)
+        y = y_all.index_select(0, row).view(tokens, k, -1)
+        # Weighted sum over the k choices: one tiny bmm per token, accumulated in fp32 inside
+        # the GEMM (an explicit fp32 copy of y costs 5x more in bf16).
+        return torch.bmm(weights.to(x.dtype).unsqueeze(1), y).squeeze(1)
+
+
+def choose_capacity(counts: list[int], row_cost: float, group_cost: float) -> int:
+    """Rows per expert for the padded bmm; rows past it take the ragged grouped GEMM.
+
+    Minimises ``E * cap + row_cost * overflow_rows(cap) + group_cost * overflow_groups(cap)``,
+    costs in padded-bmm rows. On CPU a ragged group pays a large fixed cost (each group is its
+    own GEMM that re-packs the expert's weights), so padding wins unless the load is very
+    skewed. The optimum is a count value or 0. ``row_cost = inf`` -> pad to the largest group;
+    ``row_cost <= 0`` -> all ragged.
+    """
+    if row_cost <= 0:
+        return 0
+    desc = sorted(counts, reverse=True)
+    if math.isinf(row_cost):
+        return desc[0]
+    best_cap = 0
+    best_cost = row_cost * sum(desc) + group_cost * sum(1 for c in desc if c)
+    above, groups = 0, 0  # rows in / number of the groups larger than `cap`
+    for j, cap in enumerate(desc):
+        if j and desc[j - 1] > cap:
+            groups = j
+        cost = len(desc) * cap + row_cost * (above - groups * cap) + group_cost * groups
+        if cost <= best_cost:
+            best_cap, best_cost = cap, cost
+        above += cap
+    return best_cap
 
 
 def expert_counts(model: nn.Module) -> dict[str, list[int]]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit_worker.models.moe import MoELayer, expert_counts
+from dit_worker.models.moe import MoELayer, choose_capacity, expert_counts
 
 
 def reference_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
@@ -39,10 +39,10 @@ def make_layer(shared: int, experts: int = 8, top_k: int = 2, seed: int = 0) -> 
 
 @pytest.mark.parametrize("shared", [0, 1, 2])
 @pytest.mark.parametrize("tokens", [0, 1, 3, 17, 256])
-@pytest.mark.parametrize("pad_budget", [float("inf"), -1.0])  # padded bmm / ragged grouped GEMM
-def test_grouped_matches_loop_reference(shared, tokens, pad_budget):
+@pytest.mark.parametrize("costs", [(float("inf"), 0.0), (0.0, 0.0), (1.2, 0.0), (2.0, 384.0)])  # padded/ragged/mixed/default
+def test_grouped_matches_loop_reference(shared, tokens, costs):
     layer = make_layer(shared)
-    layer.pad_budget = pad_budget
+    layer.ragged_row_cost, layer.ragged_group_cost = costs
     x = torch.randn(tokens, 32)
     got = layer(x)
     torch.testing.assert_close(got, reference_moe(layer, x), atol=1e-5, rtol=1e-5)
@@ -56,8 +56,8 @@ def test_experts_receiving_no_tokens_and_3d_input():
         layer.router.expert_bias.zero_()
         layer.router.expert_bias[:6] = 10.0
     x = torch.randn(2, 5, 32)
-    for budget in (float("inf"), -1.0):
-        layer.pad_budget = budget
+    for costs in ((float("inf"), 0.0), (0.0, 0.0), (1.2, 0.0)):
+        layer.ragged_row_cost, layer.ragged_group_cost = costs
         got = layer(x)
         assert got.shape == x.shape
         torch.testing.assert_close(got.reshape(-1, 32), reference_moe(layer, x.reshape(-1, 32)),
@@ -114,3 +114,15 @@ def test_expert_counts_collects_per_layer():
     counts = expert_counts(model)
     assert set(counts) == {"a", "b"}
     assert all(sum(c) == 18 for c in counts.values())
+
+
+def test_choose_capacity_trades_padding_against_overflow():
+    counts = [10, 10, 10, 40]
+    assert choose_capacity(counts, float("inf"), 0.0) == 40
+    assert choose_capacity(counts, 0.0, 0.0) == 0
+    assert choose_capacity(counts, 2.0, 0.0) == 10  # 40 rows + 2 x 30 overflow < 160 padded
+    assert choose_capacity(counts, 2.0, 192.0) == 40  # a ragged group costs more than padding
+    assert choose_capacity([5, 5, 5, 5], 2.0, 0.0) == 5
+    assert choose_capacity([0, 0, 0, 3000], 2.0, 192.0) == 0  # one busy expert: ragged only
+    assert choose_capacity([9, 9, 1, 1], 1.5, 1.0) == 1  # 4 + 1.5 x 16 + 2 groups < 36
+    assert choose_capacity([9, 9, 1, 1], 1.5, 10.0) == 9  # 4 + 24 + 20 > 36
