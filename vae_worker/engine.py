@@ -111,6 +111,10 @@ class _VAEEngine:
         if height % f or width % f or height == 0 or width == 0:
             raise ValueError(f"pixel size {height}x{width} is not a positive multiple of {f}")
 
+    def prepare_preview(self) -> None:
+        """Fit the preview map now (one small encode), e.g. at replica start, not on the first step."""
+        self._preview_map()
+
     def _preview_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
             if self._preview is None:

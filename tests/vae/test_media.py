@@ -310,3 +310,15 @@ def test_trim_to_4k1():
     assert len(trim_to_4k1(list(range(10)))) == 9
     assert len(trim_to_4k1(list(range(9)))) == 9
     assert len(trim_to_4k1(list(range(4)))) == 1
+
+
+def test_prepare_helpers_follow_official_sizing():
+    from vae_worker.media import prepare_reference_image, prepare_source_video
+
+    image = Image.fromarray(np.zeros((700, 1000, 3), dtype=np.uint8))
+    assert prepare_reference_image(image).size == (992, 688)
+    assert prepare_reference_image(image, 256, 128, "center_crop").size == (256, 128)
+    frames = clip(10, 90, 160)
+    out = prepare_source_video(frames, area=64 * 112)
+    assert out.shape[0] == 9 and out.shape[1] % 16 == 0 and out.shape[2] % 16 == 0
+    assert prepare_source_video(frames, 64, 32, "pad").shape == (9, 32, 64, 3)

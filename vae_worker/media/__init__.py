@@ -12,7 +12,15 @@ from vae_worker.media.errors import (
     MediaTooSmall,
     UnsupportedMedia,
 )
-from vae_worker.media.grid import POLICIES, fit_to_grid, grid_size, grid_size_for_area, trim_to_4k1
+from vae_worker.media.grid import (
+    POLICIES,
+    fit_to_grid,
+    grid_size,
+    grid_size_for_area,
+    prepare_reference_image,
+    prepare_source_video,
+    trim_to_4k1,
+)
 from vae_worker.media.limits import MediaLimits
 
 __all__ = [
@@ -32,6 +40,8 @@ __all__ = [
     "fit_to_grid",
     "grid_size",
     "grid_size_for_area",
+    "prepare_reference_image",
+    "prepare_source_video",
     "sniff_format",
     "trim_to_4k1",
 ]

@@ -124,3 +124,27 @@ def _fit_frames(frames: np.ndarray, width: int, height: int, policy: str, pad_va
     top, left = (height - new_h) // 2, (width - new_w) // 2
     out[:, top:top + new_h, left:left + new_w] = scaled
     return out
+
+
+def prepare_reference_image(image: Image.Image, width: int | None = None, height: int | None = None,
+                            policy: str = "resize", *, max_pixels: int | None = 1024 * 1024,
+                            max_side: int | None = 2048, field: str = "image") -> Image.Image:
+    """A decoded reference image on the grid, ready for ``ImageVAE.encode``.
+
+    Without a target size this is the official processor's behaviour (downscale to <= 1 MP and
+    <= 2048 px, floor to 16, Lanczos stretch); with one, the request's policy decides.
+    """
+    if width is None or height is None:
+        width, height = grid_size(image.width, image.height, max_pixels=max_pixels, max_side=max_side, field=field)
+    return fit_to_grid(image, width, height, policy, field=field)
+
+
+def prepare_source_video(frames: np.ndarray, width: int | None = None, height: int | None = None,
+                         policy: str = "resize", *, area: int = 480 * 832, field: str = "video") -> np.ndarray:
+    """Decoded source frames on the grid with 4k+1 frames, ready for ``VideoVAE.encode``.
+
+    Without a target size the official 2.5 sizing applies (input aspect ratio at ``area`` pixels).
+    """
+    if width is None or height is None:
+        width, height = grid_size_for_area(frames.shape[2], frames.shape[1], area, field=field)
+    return fit_to_grid(trim_to_4k1(frames), width, height, policy, field=field)
