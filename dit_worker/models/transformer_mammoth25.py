@@ -123,9 +123,10 @@ class Mammoth25DiTConfig(DataclassConfig):
 
     @classmethod
     def tiny(cls) -> Mammoth25DiTConfig:
-        """CPU-sized: every code path (shared expert included), real head-dim split of RoPE."""
+        """CPU-sized: every code path (shared expert included), real head-dim split of RoPE.
+        ``text_len`` stays the official 512 (hard-coded there): padding costs nothing here."""
         return cls(num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
-                   text_dim=128, ffn_dim=256, num_layers=2, rope_max_seq_len=256, text_len=64,
+                   text_dim=128, ffn_dim=256, num_layers=2, rope_max_seq_len=256,
                    moe=Mammoth25MoEConfig(num_layers=2, hidden_size=128, num_attention_heads=2,
                                           ffn_hidden_size=96, num_moe_experts=8, moe_router_topk=2,
                                           num_shared_experts=1, shared_expert_intermediate_size=64),
