@@ -37,8 +37,8 @@ def make_layer(shared: int, experts: int = 8, top_k: int = 2, seed: int = 0) -> 
     return layer
 
 
-@pytest.mark.parametrize("shared", [0, 1, 2])
-@pytest.mark.parametrize("tokens", [0, 1, 3, 17, 256])
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("tokens", [0, 1, 17, 256])
 @pytest.mark.parametrize("costs", [(float("inf"), 0.0), (0.0, 0.0), (1.2, 0.0), (2.0, 384.0)])  # padded/ragged/mixed/default
 def test_grouped_matches_loop_reference(shared, tokens, costs):
     layer = make_layer(shared)
