@@ -402,11 +402,14 @@ class Mammoth25Transformer(nn.Module):
         cos_ext = torch.cat([cos, torch.ones_like(cos[:1])])
         sin_ext = torch.cat([sin, torch.zeros_like(sin[:1])])
         j = torch.arange(width, device=device)
-        src = torch.tensor(prepared.source_lens, device=device).unsqueeze(1)
-        index = torch.where(j < src, j, n)  # [B, V]
-        b = prepared.batch_size
-        cos_rows = torch.cat([cos.expand(b, -1, -1), cos_ext[index]], dim=1)
-        sin_rows = torch.cat([sin.expand(b, -1, -1), sin_ext[index]], dim=1)
+        # One table broadcast over the batch when every row has the same source length (always
+        # for T2V); per-row tables otherwise (editing with an uncond branch without source).
+        lens = sorted(set(prepared.source_lens))
+        src = torch.tensor(lens if len(lens) == 1 else prepared.source_lens, device=device).unsqueeze(1)
+        index = torch.where(j < src, j, n)  # [1 or B, V]
+        rows = index.shape[0]
+        cos_rows = torch.cat([cos.expand(rows, -1, -1), cos_ext[index]], dim=1)
+        sin_rows = torch.cat([sin.expand(rows, -1, -1), sin_ext[index]], dim=1)
         return cos_rows.unsqueeze(2), sin_rows.unsqueeze(2)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prepared: Mammoth25Prepared) -> torch.Tensor:
