@@ -37,8 +37,9 @@ def _to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+def _to_uint8_(x: torch.Tensor) -> torch.Tensor:
+    """In place on a float tensor the caller owns (a decoded video is the largest tensor here)."""
+    return x.clamp_(-1, 1).add_(1.0).mul_(127.5).round_().to(torch.uint8)
 
 
 def _as_uint8_tensor(data: Any, ndim: int, what: str) -> torch.Tensor:
@@ -209,9 +210,10 @@ class ImageVAE(_VAEEngine):
             x = self.model.decode(z).sample
         return x.float().clamp(-1, 1)
 
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B,C,h,w] -> uint8 [B,8h,8w,3]."""
-        return _to_uint8(self.decode_float(latents)).permute(0, 2, 3, 1).cpu().contiguous()
+        return _to_uint8_(self.decode_float(latents)).permute(0, 2, 3, 1).cpu().contiguous()
 
     def _encode_images_for_preview(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode(images)
@@ -301,9 +303,10 @@ class VideoVAE(_VAEEngine):
             x = self.model.decode(z).sample
         return x.float().clamp(-1, 1)
 
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B,C,T,h,w] -> uint8 [B,4(T-1)+1,8h,8w,3]."""
-        return _to_uint8(self.decode_float(latents)).permute(0, 2, 3, 4, 1).cpu().contiguous()
+        return _to_uint8_(self.decode_float(latents)).permute(0, 2, 3, 4, 1).cpu().contiguous()
 
     def _encode_images_for_preview(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode(images[:, None])[:, :, 0]
