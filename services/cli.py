@@ -60,6 +60,143 @@ def _cmd_config_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config(path: str | None):
+    from .config import ServeConfig
+
+    return ServeConfig.load(path) if path else ServeConfig.default_cpu()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .deploy import serve_down, serve_up
+
+    cfg = _load_config(args.config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve_up(cfg, address=args.address)
+        ingress = cfg.ingress
+        print(f"serving: gRPC {ingress.host}:{ingress.grpc_port}  HTTP http://{ingress.host}:{ingress.http_port}  "
+              f"models {', '.join(cfg.models)} (Ctrl-C to stop)", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve_down()
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from .client import MammothClient
+
+    return MammothClient(args.grpc, args.url, use_http=args.http, api_key=args.api_key, timeout_s=args.timeout)
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    options = {"steps": args.steps, "seed": args.seed, "guidance": args.guidance,
+               "negative_prompt": args.negative_prompt}
+    if args.size:
+        width, _, height = args.size.lower().partition("x")
+        options["width"], options["height"] = int(width), int(height)
+    for name in ("frames", "fps"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    return options
+
+
+def _run_generation(args: argparse.Namespace, call) -> int:
+    from .client import ClientError, Progress, write_output
+
+    progress = Progress(enabled=not args.quiet, label=args.command)
+    client = _client(args)
+    try:
+        output = call(client, progress)
+    except ClientError as exc:
+        print(f"mammoth {args.command}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+        client.close()
+    path = write_output(output, args.output)
+    print(json.dumps({"output": str(path), "mime_type": output.mime_type, "width": output.width,
+                      "height": output.height, "frames": output.frames, "seed": output.seed,
+                      "timings": {k: round(v, 3) for k, v in output.timings.items()}}))
+    return 0
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    return _run_generation(args, lambda c, p: c.generate_image(args.prompt, progress=p, **_generation_options(args)))
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    images = [Path(p).read_bytes() for p in args.image]
+    return _run_generation(args, lambda c, p: c.edit_image(images, args.instruction, progress=p,
+                                                           **_generation_options(args)))
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    return _run_generation(args, lambda c, p: c.generate_video(args.prompt, progress=p, **_generation_options(args)))
+
+
+def _cmd_video_edit(args: argparse.Namespace) -> int:
+    video = Path(args.video).read_bytes()
+    return _run_generation(args, lambda c, p: c.edit_video(video, args.instruction, progress=p,
+                                                           **_generation_options(args)))
+
+
+def _media_kind(path: str) -> str:
+    return "video" if Path(path).suffix.lower() in (".mp4", ".webm", ".mov", ".mkv") else "image"
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from .client import ClientError
+
+    client = _client(args)
+    media = [(_media_kind(p), Path(p).read_bytes()) for p in args.media]
+    try:
+        for delta in client.ask(args.question, media, max_tokens=args.max_tokens, seed=args.seed):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    except ClientError as exc:
+        print(f"\nmammoth ask: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), config_path=args.config, use_http=args.http)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http", action="store_true", help="use the HTTP API instead of gRPC")
+    p.add_argument("--grpc", default="localhost:9000", help="gRPC target (default localhost:9000)")
+    p.add_argument("--url", default="http://localhost:8000", help="HTTP base URL")
+    p.add_argument("--api-key", default=None, help="API key (if the server requires one)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+
+
+def _generation_args(p: argparse.ArgumentParser, *, video: bool = False) -> None:
+    _client_args(p)
+    p.add_argument("-o", "--output", required=True, help="output file (.png/.jpg/.webp or .mp4/.gif)")
+    p.add_argument("--size", help="WIDTHxHEIGHT in pixels (multiples of 16)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--guidance", type=float, help="text guidance scale")
+    p.add_argument("--negative-prompt")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    if video:
+        p.add_argument("--frames", type=int, help="4k+1 frames")
+        p.add_argument("--fps", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mammoth", description="Mammoth Serve: MammothModa2/2.5 serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +223,47 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", help="model directory (default: the tiny-mammoth2 preset)")
     d.add_argument("-o", "--output", help="write here instead of stdout")
     d.set_defaults(func=_cmd_config_default)
+
+    p = sub.add_parser("serve", help="start (or join) a Ray cluster and serve the pipeline")
+    p.add_argument("--config", help="mammoth config YAML (default: tiny CPU models, built on first use)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("image", help="text to image")
+    p.add_argument("prompt")
+    _generation_args(p)
+    p.set_defaults(func=_cmd_image)
+
+    p = sub.add_parser("edit", help="edit an image with an instruction")
+    p.add_argument("image", nargs="+", help="image(s): the first is edited, the rest are references")
+    p.add_argument("instruction")
+    _generation_args(p)
+    p.set_defaults(func=_cmd_edit)
+
+    p = sub.add_parser("video", help="text to video")
+    p.add_argument("prompt")
+    _generation_args(p, video=True)
+    p.set_defaults(func=_cmd_video)
+
+    p = sub.add_parser("video-edit", help="edit a video with an instruction")
+    p.add_argument("video")
+    p.add_argument("instruction")
+    _generation_args(p, video=True)
+    p.set_defaults(func=_cmd_video_edit)
+
+    p = sub.add_parser("ask", help="ask about an image or a video (streamed answer)")
+    p.add_argument("media", nargs="*", help="image or video files")
+    p.add_argument("question")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int)
+    _client_args(p)
+    p.set_defaults(func=_cmd_ask)
+
+    p = sub.add_parser("demo", help="serve the tiny models, make an image, an edit, a video and an answer, stop")
+    p.add_argument("--out", default="out", help="output folder (default ./out)")
+    p.add_argument("--config", help="mammoth config YAML (default: tiny CPU models)")
+    p.add_argument("--http", action="store_true", help="drive the demo through the HTTP API")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

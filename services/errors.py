@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
-logger = logging.getLogger("mammoth.errors")
+logger = logging.getLogger("ray.serve")  # shows in the replica logs
 
 
 class Unauthenticated(Exception):

@@ -81,6 +81,24 @@ class ChatBody(_Body):
     stream: bool = False
 
 
+# Public proto field -> the HTTP body field a client actually sent.
+_HTTP_FIELDS = {"text_guidance": "guidance_scale", "guidance": "guidance_scale",
+                "image_guidance": "image_guidance_scale", "context_guidance": "context_guidance_scale",
+                "reference_images": "images", "source_video": "video", "quality": "output_compression",
+                "width": "size", "height": "size", "instruction": "prompt"}
+
+
+def http_field(name: str) -> str:
+    """``reference_images[0]`` -> ``images[0]``: error messages name what the HTTP client sent."""
+    head, bracket, rest = name.partition("[")
+    return _HTTP_FIELDS.get(head, head) + bracket + rest
+
+
+def http_message(message: str) -> str:
+    field, sep, rest = message.partition(": ")
+    return f"{http_field(field)}: {rest}" if sep and " " not in field else message
+
+
 def decode_b64(field: str, value: str) -> bytes:
     """Base64 or a ``data:...;base64,`` URL; remote URLs are refused (the server fetches nothing)."""
     if value.startswith(("http://", "https://")):

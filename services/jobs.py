@@ -29,6 +29,10 @@ class InvalidArgument(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.detail = message
+
+    def __reduce__(self):  # crosses Ray process boundaries intact
+        return type(self), (self.field, self.detail)
 
 
 @dataclass

@@ -64,6 +64,11 @@ class DiTDeployment:
                 yield event
             self._record_expert_load()
 
+    def stats(self) -> dict[str, int]:
+        """Load of this replica (for tests and debugging): batches run, requests in the engine."""
+        return {"batches_run": self.stage.batches_run, "last_batch_size": self.stage.last_batch_size,
+                "active_requests": self.stage.active_requests}
+
     def _record_expert_load(self) -> None:
         load = self.stage.engine.expert_load()
         if not load:

@@ -32,6 +32,8 @@ from ..http_api import (
     VideoBody,
     chat_request,
     event_json,
+    http_field,
+    http_message,
     image_request,
     result_json,
     sse,
@@ -268,7 +270,9 @@ class IngressDeployment:
             return await work()
         except Exception as exc:  # noqa: BLE001
             error = classify(exc)
-            return _error_json(error.http_status, error.message, error.kind, getattr(exc, "field", None))
+            field_name = getattr(getattr(exc, "cause", None) or exc, "field", None)
+            return _error_json(error.http_status, http_message(error.message), error.kind,
+                               http_field(field_name) if field_name else None)
 
     async def _image_http(self, request: Request, *, edit: bool):
         files: list[bytes] = []

@@ -87,7 +87,7 @@ class DiTStage:
         return VideoDenoiseRequest(
             request_id=job.request_id,
             prompt=torch.from_numpy(np.asarray(conditions.prompt)),
-            negative=torch.from_numpy(np.asarray(negative)) if negative is not None and len(negative) else None,
+            negative=torch.from_numpy(np.asarray(negative)) if negative is not None else None,
             latent_frames=job.latent_frames, latent_height=job.latent_height, latent_width=job.latent_width,
             source_latents=latents, guidance=job.guidance, context_guidance=job.context_guidance,
             sampling=SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range, sigmas=job.sigmas),

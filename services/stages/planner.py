@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from planner.engine import PlannerEngine, planner_config_from_dir
@@ -83,7 +84,14 @@ class PlannerStage:
                                 {"planner": time.perf_counter() - start})
 
     def _cached_prompt(self, text: str) -> asyncio.Future:
-        """Negative prompts repeat across requests: encode each distinct one once (LRU)."""
+        """Negative prompts repeat across requests: encode each distinct one once (LRU).
+
+        An empty negative prompt has no tokens: like the reference pipeline (which pads it to
+        an all-masked sequence) its condition is zero-length, not an error."""
+        if not text.strip():
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(torch.zeros(0, self.engine.hidden_size))
+            return future
         future = self._prompt_cache.get(text)
         if future is not None and not (future.done() and (future.cancelled() or future.exception())):
             self._prompt_cache.move_to_end(text)

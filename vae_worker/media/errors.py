@@ -12,6 +12,14 @@ class MediaError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.limit = limit
+        self.detail = message
+
+    def __reduce__(self):  # keyword-only fields: rebuild explicitly when pickled across processes
+        return _rebuild, (type(self), self.detail, self.field, self.limit)
+
+
+def _rebuild(cls: type[MediaError], message: str, field: str, limit: Any) -> MediaError:
+    return cls(message, field=field, limit=limit)
 
 
 class MediaTooLarge(MediaError):
