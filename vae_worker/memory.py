@@ -64,24 +64,32 @@ def wan_bytes(config: dict[str, Any], frames: int, height: int, width: int, item
     return int((step + video) * itemsize)
 
 
+def _tiled_work(side: int, tile: int) -> int:
+    """Pixels decoded along one side: diffusers starts a tile at every stride below ``side``."""
+    stride = tile * 3 // 4
+    return sum(min(tile, side - start) for start in range(0, side, stride))
+
+
 def plan(per_sample: Any, batch: int, height: int, width: int, budget_bytes: int, *,
          output_bytes: int, min_tile: int = 128, tile_step: int = 32) -> MemoryPlan:
     """Pick slicing/tiling so that ``per_sample(h, w)`` (one sample's bytes) fits the budget.
 
-    ``output_bytes`` is one sample's full-size output (it exists whatever the tiling).
+    ``output_bytes`` is one sample's full-size output (it exists whatever the tiling). Among the
+    tiles that fit, the one with the least decoded area (overlaps included) wins, then the larger.
     """
     whole = per_sample(height, width)
     if batch * whole <= budget_bytes:
         return MemoryPlan(False, None, batch * whole)
     if whole <= budget_bytes:
         return MemoryPlan(True, None, whole)
-    side = max(height, width)
-    tile = (side // tile_step) * tile_step
-    while tile > min_tile:
+    best: tuple[int, int, int] | None = None  # (work, -tile, cost)
+    for tile in range(min_tile, max(height, width), tile_step):
         cost = per_sample(min(tile, height), min(tile, width)) + int(_TILE_OUTPUT_COPIES * output_bytes)
-        if cost <= budget_bytes and tile < side:
-            return MemoryPlan(True, tile, cost)
-        tile -= tile_step
-    tile = min_tile
-    cost = per_sample(min(tile, height), min(tile, width)) + int(_TILE_OUTPUT_COPIES * output_bytes)
-    return MemoryPlan(True, tile, cost)
+        if cost > budget_bytes:
+            break  # cost grows with the tile
+        key = (_tiled_work(height, tile) * _tiled_work(width, tile), -tile, cost)
+        best = key if best is None or key < best else best
+    if best is None:  # nothing fits: the smallest tile is the least memory we can do
+        cost = per_sample(min(min_tile, height), min(min_tile, width)) + int(_TILE_OUTPUT_COPIES * output_bytes)
+        return MemoryPlan(True, min_tile, cost)
+    return MemoryPlan(True, -best[1], best[2])

@@ -33,14 +33,15 @@ def _as_frames(frames: Any, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def encode_image(frames: Any, format: str = "png", quality: int = 90) -> bytes:
-    """uint8 [H,W,3] (or [1,H,W,3], or PIL) -> PNG/JPEG/WebP bytes. ``quality`` (1-100) is for
-    JPEG/WebP; PNG is lossless."""
+def encode_image(frames: Any, format: str = "png", quality: int | None = 90) -> bytes:
+    """uint8 [H,W,3] (or [1,H,W,3], or PIL) -> PNG/JPEG/WebP bytes. ``quality`` (1-100, None = 90)
+    is for JPEG/WebP; PNG is lossless."""
     fmt = format.lower()
     if fmt == "jpg":
         fmt = "jpeg"
     if fmt not in IMAGE_OUTPUT_FORMATS:
         raise ValueError(f"unsupported image format {format!r}; expected one of {IMAGE_OUTPUT_FORMATS}")
+    quality = 90 if quality is None else quality
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
     image = Image.fromarray(_as_frames(frames, 3), mode="RGB")
