@@ -322,3 +322,14 @@ def test_prepare_helpers_follow_official_sizing():
     out = prepare_source_video(frames, area=64 * 112)
     assert out.shape[0] == 9 and out.shape[1] % 16 == 0 and out.shape[2] % 16 == 0
     assert prepare_source_video(frames, 64, 32, "pad").shape == (9, 32, 64, 3)
+
+
+def test_animated_gif_as_image_is_its_first_frame():
+    image = decode_image(gif_bytes(5))
+    assert image.size == (48, 32)
+    first = iio.imread(gif_bytes(5), extension=".gif", index=0)[..., :3]
+    assert np.abs(np.asarray(image).astype(int) - first.astype(int)).max() == 0
+
+
+def test_encode_image_default_quality():
+    assert encode_image(gradient(16, 16), "jpeg", None) == encode_image(gradient(16, 16), "jpeg", 90)
