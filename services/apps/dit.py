@@ -6,6 +6,7 @@ ingress forwards them to the VAE without ever reading them.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,9 +26,30 @@ from .common import StageMetrics, apply_threads, config_from_args, deployment_op
 from .grpc_util import grpc_abort, timings_proto
 
 
-def publish(array: np.ndarray) -> list:
-    """Wrap the ObjectRef in a list: Ray resolves only top-level refs, so it stays a reference."""
-    return [ray.put(array)]
+class PublishedLatents:
+    """Puts final latents in the object store and keeps them alive until they are fetched.
+
+    The ref travels inside a streamed event, and Ray does not count a ref nested in a
+    streaming-generator item as borrowed: without an owner-side reference the object can be
+    freed before the VAE reads it. This replica (the owner) therefore holds each ref until it is
+    older than ``keep_s`` or the held bytes pass ``keep_bytes`` (oldest dropped first).
+    """
+
+    def __init__(self, keep_s: float, keep_bytes: int):
+        self.keep_s = keep_s
+        self.keep_bytes = keep_bytes
+        self._held: collections.deque[tuple[float, int, ray.ObjectRef]] = collections.deque()
+        self._bytes = 0
+
+    def __call__(self, array: np.ndarray) -> list:
+        ref = ray.put(array)
+        now = time.monotonic()
+        self._held.append((now, array.nbytes, ref))
+        self._bytes += array.nbytes
+        while self._held and (self._held[0][0] < now - self.keep_s or self._bytes > self.keep_bytes):
+            self._bytes -= self._held.popleft()[1]
+        # A list: Ray resolves only top-level refs in handle arguments, so it stays a reference.
+        return [ref]
 
 
 @serve.deployment(name="DiT")
@@ -39,7 +61,8 @@ class DiTDeployment:
         apply_threads(self.cfg.dit.engine.cpu_threads)
         self.stage = DiTStage.from_model_dir(index.root, dit_engine_config(self.cfg),
                                              batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s,
-                                             publish=publish)
+                                             publish=PublishedLatents(self.cfg.ingress.limits.request_timeout_s,
+                                                                      2 * 1024**3))
         self.metrics = StageMetrics("dit", self.model)
         self.step_time = serve.metrics.Histogram(
             "mammoth_denoise_step_seconds", description="wall time of one denoising step of a request",
