@@ -3,8 +3,8 @@
 Every measurement runs in a fresh child process (so its peak RSS is its own): the child loads the
 engine, records RSS, decodes once to warm up, times ``--repeats`` decodes, and reports
 ``ru_maxrss`` (peak) and the peak minus the RSS after loading (the decode's own working set).
-Tiled runs force tiling through a 1 MB memory budget (the planner then picks its smallest tile,
-128 px, stride 96). Random-weight tiny presets by default: absolute figures are for the tiny VAEs,
+Tiled runs get half the untiled decode's estimated memory as their budget, so the planner picks
+the tile it would pick in service (``vae_worker.memory``). Random-weight tiny presets by default: absolute figures are for the tiny VAEs,
 the ratios are what carries over. Prints JSON last.
 
     python -m bench.vae --json
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
 
-    from vae_worker.presets import write_random_checkpoint
+    from vae_worker.memory import wan_bytes
+    from vae_worker.presets import stage_config, write_random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         write_random_checkpoint(args.video_preset, f"{tmp}/video", seed=0)
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         video = {}
         for side in (int(s) for s in args.video_sizes.split(",")):
             row = {}
-            for mode, budget in (("untiled", 1 << 20), ("tiled", 1)):
+            half = wan_bytes(stage_config(args.video_preset), args.frames, side, side, 4) / 2 / 2**20
+            for mode, budget in (("untiled", 1 << 20), ("tiled", half)):
                 spec = {**common, "kind": "video", "path": f"{tmp}/video", "budget_mb": budget, "batch": 1,
                         "frames": args.frames, "height": side, "width": side}
                 row[mode] = _run(spec)
