@@ -127,10 +127,11 @@ class _VAEEngine:
         raise NotImplementedError
 
     def decode_many(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Decode several requests' latents, batching those of equal shape; results keep input order."""
+        """Decode several requests' latents ([n_i, ...] each), batching those whose per-sample shape
+        matches (slicing still applies if the batch outgrows the budget); results keep input order."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, item in enumerate(latents):
-            groups.setdefault(tuple(item.shape), []).append(index)
+            groups.setdefault(tuple(item.shape[1:]), []).append(index)
         results: list[torch.Tensor | None] = [None] * len(latents)
         for indices in groups.values():
             decoded = self.decode(torch.cat([latents[i] for i in indices]))
