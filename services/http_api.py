@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protos import common_pb2, generation_pb2
 
@@ -97,6 +97,18 @@ def http_field(name: str) -> str:
 def http_message(message: str) -> str:
     field, sep, rest = message.partition(": ")
     return f"{http_field(field)}: {rest}" if sep and " " not in field else message
+
+
+def parse_body(model: type[BaseModel], data: Any) -> Any:
+    """Validate a JSON/form body; the first problem becomes an ``InvalidArgument`` naming its field."""
+    if not isinstance(data, dict):
+        raise InvalidArgument("body", "expected a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidArgument(field, first["msg"]) from None
 
 
 def decode_b64(field: str, value: str) -> bytes:

@@ -35,6 +35,7 @@ from ..http_api import (
     http_field,
     http_message,
     image_request,
+    parse_body,
     result_json,
     sse,
     video_request,
@@ -284,9 +285,9 @@ class IngressDeployment:
                     files.append(await value.read())
                 else:
                     data[key] = value
-            body = ImageGenerationBody.model_validate(data)
+            body = parse_body(ImageGenerationBody, data)
         else:
-            body = ImageGenerationBody.model_validate(await request.json())
+            body = parse_body(ImageGenerationBody, await _json(request))
         flow = self._image_flow(image_request(body, edit=edit, files=files), edit=edit)
         if body.stream:
             first = await anext(flow)  # surface bad requests as a status, not mid-stream
@@ -304,7 +305,7 @@ class IngressDeployment:
 
     async def chat_completions(self, request: Request):
         async def work():
-            body = ChatBody.model_validate(await request.json())
+            body = parse_body(ChatBody, await _json(request))
             job, deltas = self._understand(chat_request(body))
             created, name = int(time.time()), body.model or "mammoth"
             if body.stream:
@@ -328,9 +329,9 @@ class IngressDeployment:
                         source = await value.read()
                     else:
                         data[key] = value
-                body = VideoBody.model_validate(data)
+                body = parse_body(VideoBody, data)
             else:
-                body = VideoBody.model_validate(await request.json())
+                body = parse_body(VideoBody, await _json(request))
             msg = video_request(body, source)
             flow = self._video_flow(msg, edit=isinstance(msg, generation_pb2.EditVideoRequest))
             first = await anext(flow)
@@ -408,6 +409,13 @@ async def _chat_sse(request_id: str, created: int, model: str, first: str,
         error = classify(exc)
         yield sse({"error": {"message": error.message, "type": error.kind}})
     yield sse("[DONE]")
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise InvalidArgument("body", "not valid JSON") from None
 
 
 def _event_proto(event: flows.Event) -> generation_pb2.GenerationEvent:
