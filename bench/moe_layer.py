@@ -108,8 +108,7 @@ def run(width: int, experts: int, top_k: int, ffn: int, shared: int, shared_ffn:
         got = layer(x).float()
         max_diff = float((ref - got).abs().max())
         counts = layer.last_expert_counts.float()
-        capacity = choose_capacity(layer.last_expert_counts.tolist(), layer.ragged_row_cost,
-                                   layer.ragged_group_cost)
+        capacity = choose_capacity(layer.last_expert_counts.tolist(), *layer.ragged_costs(dtype))
         times = _time(core, reps)
         extra_times = _time(extra, extra_reps)
     for timer in times:

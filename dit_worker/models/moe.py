@@ -29,11 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Cost of the ragged grouped GEMM in rows of the padded bmm: per row, and per group (torch
-# 2.13's CPU grouped GEMM is a loop of per-group GEMMs that each re-pack the expert weights;
-# measured on AVX-512: ~2x per row, ~150-250 rows per group; erring towards padding).
-RAGGED_ROW_COST = 2.0
-RAGGED_GROUP_COST = 384.0
+# Cost of the ragged grouped GEMM in rows of the padded bmm, per row and per non-empty group,
+# by activation dtype (torch 2.13 CPU, AVX-512, 1-2 threads; bench/moe_layer.py --paths):
+# torch._grouped_mm is a C++ loop of per-group GEMMs -- in bf16 as fast per row as the bmm,
+# in fp32 ~25% slower; tiny groups pay extra. Padding wins for small or skewed loads.
+RAGGED_COSTS: dict[torch.dtype, tuple[float, float]] = {
+    torch.bfloat16: (0.95, 48.0),
+    torch.float16: (0.95, 48.0),
+}
+RAGGED_COSTS_DEFAULT = (1.25, 48.0)
 
 
 def _gelu_tanh_(h: torch.Tensor) -> torch.Tensor:
@@ -155,8 +159,9 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(hidden_size, num_experts, ffn_hidden_size)
         self.shared_experts = (SharedExperts(hidden_size, num_shared_experts, shared_ffn_hidden_size)
                                if num_shared_experts > 0 else None)
-        self.ragged_row_cost = RAGGED_ROW_COST  # 0: all ragged grouped GEMM; inf: all padded bmm
-        self.ragged_group_cost = RAGGED_GROUP_COST
+        # Override both to force a path: (0, 0) all ragged grouped GEMM, (inf, 0) all padded bmm.
+        self.ragged_row_cost: float | None = None  # None: RAGGED_COSTS for the input dtype
+        self.ragged_group_cost: float | None = None
         self.last_expert_counts: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -167,6 +172,11 @@ class MoELayer(nn.Module):
             out = out + self.shared_experts(x)
         return out.reshape(shape)
 
+    def ragged_costs(self, dtype: torch.dtype) -> tuple[float, float]:
+        row, group = RAGGED_COSTS.get(dtype, RAGGED_COSTS_DEFAULT)
+        return (row if self.ragged_row_cost is None else self.ragged_row_cost,
+                group if self.ragged_group_cost is None else self.ragged_group_cost)
+
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         tokens, k, num_experts = x.shape[0], self.top_k, self.num_experts
         weights, indices = self.router(x)
@@ -176,7 +186,7 @@ class MoELayer(nn.Module):
         if tokens == 0:
             return torch.zeros_like(x)
         host_counts = counts.tolist()  # the one host sync of the layer (E integers)
-        cap = choose_capacity(host_counts, self.ragged_row_cost, self.ragged_group_cost)
+        cap = choose_capacity(host_counts, *self.ragged_costs(x.dtype))
         overflow = sum(max(0, c - cap) for c in host_counts)
 
         # Sort assignments by expert; rank = position inside its expert's group.
