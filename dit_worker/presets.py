@@ -37,9 +37,19 @@ def stage_config(preset: str) -> DataclassConfig:
 
 
 def count_parameters(preset: str) -> dict[str, int]:
+    """Total/active parameters of the DiT stage, plus ``condition_total``: the part that encodes
+    the planner's states once per request (MammothModa2: caption projection + QFormer;
+    MammothModa2.5: the VLM-token refiner). Preset names (6B-A1B...) count the rest."""
     config = stage_config(preset)
-    module = transformer_mammoth2 if isinstance(config, Mammoth2DiTConfig) else transformer_mammoth25
-    return module.count_parameters(config)
+    if isinstance(config, Mammoth2DiTConfig):
+        counts = transformer_mammoth2.count_parameters(config)
+        with torch.device("meta"):
+            embed = transformer_mammoth2.Mammoth2Transformer(config).time_caption_embed
+        condition = sum(p.numel() for name, p in embed.named_parameters()
+                        if name.startswith(("caption_embedder.", "image_embedder.")))
+        return {**counts, "condition_total": condition}
+    counts = transformer_mammoth25.count_parameters(config)
+    return {"total": counts["total"], "active": counts["active"], "condition_total": counts["refiner"]}
 
 
 def write_random_checkpoint(preset: str, directory: str | Path, seed: int) -> Path:

@@ -94,7 +94,10 @@ def parameter_report(names: list[str] | None = None) -> dict[str, Any]:
         stages = {}
         for stage in available_stages():
             counts = stage_module(stage).count_parameters(name)
-            stages[stage] = {"total": int(counts["total"]), "active": int(counts["active"])}
+            condition = int(counts.get("condition_total", 0))
+            stages[stage] = {"total": int(counts["total"]) - condition, "active": int(counts["active"]) - condition}
+            if condition:  # the DiT's once-per-request condition encoder, reported on its own line
+                stages[f"{stage}_condition"] = {"total": condition, "active": condition}
         report[name] = {
             "family": preset.family,
             "description": preset.description,
