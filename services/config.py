@@ -171,6 +171,9 @@ class RequestLimits(_Section):
     max_video_bytes: PositiveInt = 200 * MiB  # one encoded input video
     max_request_bytes: PositiveInt = 256 * MiB  # a whole request message
     max_understand_tokens: PositiveInt = 2048
+    max_ar_grid: PositiveInt = 64  # planner visual-token grid rows/columns
+    max_guidance: PositiveFloat = 50.0  # any guidance scale (DiT and planner)
+    max_fps: PositiveInt = 120
     max_messages: PositiveInt = 64  # Understand chat turns
     request_timeout_s: PositiveFloat = 600.0
 

@@ -258,13 +258,13 @@ def image_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         width=width, height=height,
         steps=check_int("steps", defaults["steps"] if steps is None else steps, 1, limits.max_steps),
         seed=check_seed(_opt(msg, "seed")),
-        text_guidance=check_float("text_guidance", _default(msg, "text_guidance", defaults), 0.0, 50.0),
-        image_guidance=check_float("image_guidance", _default(msg, "image_guidance", defaults), 0.0, 50.0)
+        text_guidance=check_float("text_guidance", _default(msg, "text_guidance", defaults), 0.0, limits.max_guidance),
+        image_guidance=check_float("image_guidance", _default(msg, "image_guidance", defaults), 0.0, limits.max_guidance)
         if edit else 1.0,
         cfg_range=check_cfg_range(msg, defaults.get("cfg_range", (0.0, 1.0))),
-        ar_height=check_int("ar_height", _default(msg, "ar_height", defaults), 1, 64),
-        ar_width=check_int("ar_width", _default(msg, "ar_width", defaults), 1, 64),
-        ar_cfg_scale=check_float("ar_cfg_scale", _default(msg, "ar_cfg_scale", defaults), 0.0, 50.0),
+        ar_height=check_int("ar_height", _default(msg, "ar_height", defaults), 1, limits.max_ar_grid),
+        ar_width=check_int("ar_width", _default(msg, "ar_width", defaults), 1, limits.max_ar_grid),
+        ar_cfg_scale=check_float("ar_cfg_scale", _default(msg, "ar_cfg_scale", defaults), 0.0, limits.max_guidance),
         ar_temperature=check_float("ar_temperature", _or(msg, "ar_temperature", 1.0), 0.0, 5.0),
         ar_top_k=check_int("ar_top_k", _or(msg, "ar_top_k", 0), 0, 1 << 20),
         ar_top_p=check_float("ar_top_p", _or(msg, "ar_top_p", 1.0), 0.0, 1.0),
@@ -303,11 +303,11 @@ def video_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         width=check_size("width", defaults["width"] if width is None else width, limits.max_width),
         height=check_size("height", defaults["height"] if height is None else height, limits.max_height),
         frames=frames,
-        fps=check_int("fps", defaults["fps"] if fps is None else fps, 1, 120),
+        fps=check_int("fps", defaults["fps"] if fps is None else fps, 1, limits.max_fps),
         steps=check_int("steps", defaults["steps"] if steps is None else steps, 1, limits.max_steps),
         seed=check_seed(_opt(msg, "seed")),
-        guidance=check_float("guidance", _default(msg, "guidance", defaults), 0.0, 50.0),
-        context_guidance=check_float("context_guidance", _default(msg, "context_guidance", defaults), 0.0, 50.0)
+        guidance=check_float("guidance", _default(msg, "guidance", defaults), 0.0, limits.max_guidance),
+        context_guidance=check_float("context_guidance", _default(msg, "context_guidance", defaults), 0.0, limits.max_guidance)
         if edit else 1.0,
         cfg_range=check_cfg_range(msg, defaults.get("cfg_range", (0.0, 1.0))),
         output=OutputSpec(_enum("format", msg.format, VIDEO_FORMATS), _quality(msg)),
