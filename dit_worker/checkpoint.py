@@ -147,6 +147,7 @@ def load_state_into(model: nn.Module, directory: str | Path, *, device: torch.de
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"unexpected tensor '{unexpected[0]}'{more} in {directory}")
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", ()) or ())
     state: dict[str, torch.Tensor] = {}
     for name, tensor in iter_checkpoint_tensors(directory, list(expected)):
         want = expected[name]
@@ -158,6 +159,8 @@ def load_state_into(model: nn.Module, directory: str | Path, *, device: torch.de
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"tensor '{name}' in {directory} holds NaN or Inf values")
         target = dtype if (dtype is not None and tensor.is_floating_point()) else want.dtype
+        if keep_fp32 and tensor.dtype == torch.float32 and any(k in name for k in keep_fp32):
+            target = torch.float32  # modules the reference keeps in fp32 (time embedding, modulation)
         # copy=True: own, aligned memory instead of views into the mmap'd file (kernels pick
         # different paths on unaligned buffers, and the file may change after load).
         state[name] = tensor.to(device=device, dtype=target, copy=True)

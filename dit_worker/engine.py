@@ -213,7 +213,7 @@ class DiTEngine:
         return next_active
 
     def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor, prepared: Any, rows: list[int]) -> torch.Tensor:
-        timesteps = timesteps.to(self.device, self.dtype)
+        timesteps = timesteps.to(self.device, torch.float32)  # bf16 would round 937.5 to 936
         limit = self.config.max_batch_rows
         chunks = []
         for start in range(0, len(rows), limit):

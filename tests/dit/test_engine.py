@@ -149,3 +149,14 @@ def test_engine_loads_a_written_checkpoint(tmp_path):
     again = DiTEngine.from_pretrained(tmp_path / "dit", DiTEngineConfig())
     request = _image_request("r", text_len=4, seed=4, steps=2)
     torch.testing.assert_close(engine.generate([request])[0].latents, again.generate([request])[0].latents)
+
+
+def test_bf16_load_keeps_the_reference_fp32_modules(tmp_path):
+    presets.write_random_checkpoint("tiny-mammoth25", tmp_path / "dit", seed=1)
+    engine = DiTEngine.from_pretrained(tmp_path / "dit", DiTEngineConfig(dtype="bfloat16"))
+    dtypes = {name: p.dtype for name, p in engine.model.named_parameters()}
+    assert dtypes["scale_shift_table"] == torch.float32
+    assert all(d == torch.float32 for n, d in dtypes.items() if "time_embedder" in n)
+    assert dtypes["proj_out.weight"] == torch.bfloat16
+    out = engine.generate([_video_request("bf16", seed=1, source=False)])[0]
+    assert out.latents.dtype == torch.bfloat16 and torch.isfinite(out.latents.float()).all()
