@@ -19,8 +19,14 @@ IMAGE_FORMATS = {1: "png", 2: "jpeg", 3: "webp", 0: "png"}
 VIDEO_FORMATS = {1: "mp4", 2: "gif", 0: "mp4"}
 RESIZE_POLICIES = {0: "resize", 1: "resize", 2: "center_crop", 3: "pad"}
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4", "gif": "image/gif"}
-PIXELS_PER_TOKEN = 16  # 8x VAE x patch 2: sizes must be multiples of 16
 TEMPORAL_COMPRESSION = 4  # video VAE: frames = 4k + 1
+
+
+def geometry(defaults: dict[str, Any]) -> tuple[int, int]:
+    """(VAE spatial compression, pixel multiple) of a model: one DiT token covers
+    ``compression * patch`` pixels a side (16 for the 8x VAEs, 32 for Wan2.2's 16x)."""
+    spatial = int(defaults.get("vae_spatial_compression", 8))
+    return spatial, spatial * int(defaults.get("patch_size", 2))
 
 
 class InvalidArgument(ValueError):
@@ -68,14 +74,16 @@ class ImageJob:
     resize_policy: str = "resize"
     size_from_reference: bool = False
     sigmas: list[float] | None = None  # explicit schedule for few-step (distilled) checkpoints
+    spatial: int = 8  # VAE spatial compression
+    multiple: int = 16  # sizes are multiples of this many pixels
 
     @property
     def latent_height(self) -> int:
-        return self.height // 8
+        return self.height // self.spatial
 
     @property
     def latent_width(self) -> int:
-        return self.width // 8
+        return self.width // self.spatial
 
     @property
     def planned_tokens(self) -> int:
@@ -105,6 +113,8 @@ class VideoJob:
     size_from_source: bool = False
     frames_from_source: bool = False
     sigmas: list[float] | None = None
+    spatial: int = 8
+    multiple: int = 16
 
     @property
     def latent_frames(self) -> int:
@@ -112,11 +122,11 @@ class VideoJob:
 
     @property
     def latent_height(self) -> int:
-        return self.height // 8
+        return self.height // self.spatial
 
     @property
     def latent_width(self) -> int:
-        return self.width // 8
+        return self.width // self.spatial
 
 
 @dataclass
@@ -179,10 +189,10 @@ def check_float(name: str, value: Any, low: float, high: float) -> float:
     return float(value)
 
 
-def check_size(name: str, value: int, limit: int) -> int:
-    value = check_int(name, value, PIXELS_PER_TOKEN, limit)
-    if value % PIXELS_PER_TOKEN:
-        raise InvalidArgument(name, f"must be a multiple of {PIXELS_PER_TOKEN} pixels, got {value}")
+def check_size(name: str, value: int, limit: int, multiple: int = 16) -> int:
+    value = check_int(name, value, multiple, limit)
+    if value % multiple:
+        raise InvalidArgument(name, f"must be a multiple of {multiple} pixels, got {value}")
     return value
 
 
@@ -248,8 +258,9 @@ def image_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
     if (width is None) != (height is None):
         raise InvalidArgument("width" if width is None else "height", "set both width and height, or neither")
     from_reference = edit and width is None
-    width = check_size("width", defaults["width"] if width is None else width, limits.max_width)
-    height = check_size("height", defaults["height"] if height is None else height, limits.max_height)
+    spatial, multiple = geometry(defaults)
+    width = check_size("width", defaults["width"] if width is None else width, limits.max_width, multiple)
+    height = check_size("height", defaults["height"] if height is None else height, limits.max_height, multiple)
     steps = _opt(msg, "steps")
     return ImageJob(
         request_id=new_request_id("edit" if edit else "image"),
@@ -273,6 +284,7 @@ def image_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         reference_images=references,
         resize_policy=_enum("resize_policy", msg.resize_policy, RESIZE_POLICIES) if edit else "resize",
         size_from_reference=from_reference,
+        spatial=spatial, multiple=multiple,
     )
 
 
@@ -297,11 +309,12 @@ def video_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         raise InvalidArgument("frames", f"must be 4k+1 (1, 5, 9, ...) for the video VAE, got {frames}")
     steps = _opt(msg, "steps")
     fps = _opt(msg, "fps")
+    spatial, multiple = geometry(defaults)
     return VideoJob(
         request_id=new_request_id("vedit" if edit else "video"),
         prompt=prompt, negative_prompt=negative,
-        width=check_size("width", defaults["width"] if width is None else width, limits.max_width),
-        height=check_size("height", defaults["height"] if height is None else height, limits.max_height),
+        width=check_size("width", defaults["width"] if width is None else width, limits.max_width, multiple),
+        height=check_size("height", defaults["height"] if height is None else height, limits.max_height, multiple),
         frames=frames,
         fps=check_int("fps", defaults["fps"] if fps is None else fps, 1, limits.max_fps),
         steps=check_int("steps", defaults["steps"] if steps is None else steps, 1, limits.max_steps),
@@ -316,6 +329,7 @@ def video_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         resize_policy=_enum("resize_policy", msg.resize_policy, RESIZE_POLICIES) if edit else "resize",
         size_from_source=edit and width is None,
         frames_from_source=frames_from_source,
+        spatial=spatial, multiple=multiple,
     )
 
 

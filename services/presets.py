@@ -39,11 +39,14 @@ _VIDEO_TASKS = ("text_to_video", "video_edit", "understand")
 _MAMMOTH2_DEFAULTS = {
     "width": 1024, "height": 1024, "steps": 50, "text_guidance": 9.0, "image_guidance": 2.0,
     "cfg_range": [0.0, 1.0], "ar_height": 32, "ar_width": 32, "ar_cfg_scale": 7.0,
+    "vae_spatial_compression": 8, "patch_size": 2,
     "negative_prompt": DEFAULT_IMAGE_NEGATIVE_PROMPT,
 }
 _MAMMOTH25_DEFAULTS = {
     "width": 832, "height": 480, "frames": 81, "fps": 16, "steps": 50, "guidance": 5.0,
     "context_guidance": 1.0, "cfg_range": [0.0, 1.0], "negative_prompt": "",
+    # The released 2.5 checkpoints pair the DiT with Wan2.2's 48-channel, 16x VAE.
+    "vae_spatial_compression": 16, "patch_size": 2,
 }
 
 PRESETS: dict[str, Preset] = {
@@ -54,7 +57,7 @@ PRESETS: dict[str, Preset] = {
                 "ar_height": 8, "ar_width": 8, "ar_cfg_scale": 3.0}, tiny=True),
         Preset("tiny-mammoth25", "mammoth25", "CPU-sized MammothModa2.5 (video, MoE DiT), random weights",
                _VIDEO_TASKS, {**_MAMMOTH25_DEFAULTS, "width": 128, "height": 128, "frames": 9, "fps": 8,
-                              "steps": 6}, tiny=True),
+                              "steps": 6, "vae_spatial_compression": 8}, tiny=True),
         Preset("mammoth2-dev", "mammoth2", "MammothModa2-Dev: Qwen3-VL-8B planner with generation experts, "
                "2B single-stream DiT, 16-ch VAE", _IMAGE_TASKS, dict(_MAMMOTH2_DEFAULTS)),
         Preset("mammoth25-6b-a1b", "mammoth25", "MammothModa2.5 with the 6B-A1B MoE DiT", _VIDEO_TASKS,

@@ -64,9 +64,10 @@ class VAEStage:
         images = [await asyncio.to_thread(decode_image, data, self.media_limits, f"reference_images[{i}]")
                   for i, data in enumerate(job.reference_images)]
         if job.size_from_reference:
-            width, height = grid_size(images[0].width, images[0].height, max_pixels=job.width * job.height)
+            width, height = grid_size(images[0].width, images[0].height, max_pixels=job.width * job.height,
+                                      multiple=job.multiple)
             job.width, job.height = width, height
-        pixels = [np.asarray(fit_to_grid(img, job.width, job.height, job.resize_policy), dtype=np.uint8)
+        pixels = [np.asarray(fit_to_grid(img, job.width, job.height, job.resize_policy, job.multiple), dtype=np.uint8)
                   for img in images]
         latents = await asyncio.to_thread(self._encode_images, pixels)
         return EncodedMedia(latents, pixels, job.width, job.height, timings={"vae_encode": time.perf_counter() - start})
@@ -85,8 +86,10 @@ class VAEStage:
         else:
             frames = frames[: job.frames]
         if job.size_from_source:
-            job.width, job.height = grid_size(frames.shape[2], frames.shape[1], max_pixels=job.width * job.height)
-        fitted = np.asarray(fit_to_grid(frames, job.width, job.height, job.resize_policy), dtype=np.uint8)
+            job.width, job.height = grid_size(frames.shape[2], frames.shape[1], max_pixels=job.width * job.height,
+                                              multiple=job.multiple)
+        fitted = np.asarray(fit_to_grid(frames, job.width, job.height, job.resize_policy, job.multiple),
+                            dtype=np.uint8)
         latents = await asyncio.to_thread(lambda: self.vae.encode(torch.from_numpy(fitted)[None])[0].numpy())
         return EncodedMedia([np.ascontiguousarray(latents)], [fitted], job.width, job.height, int(fitted.shape[0]),
                             float(fps), timings={"vae_encode": time.perf_counter() - start})
