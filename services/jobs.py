@@ -48,8 +48,24 @@ class OutputSpec:
     fps: int = 0
 
 
+class _LatentSize:
+    """Latent height/width of a job from its pixel size and the model's VAE compression."""
+
+    height: int
+    width: int
+    spatial: int
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // self.spatial
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // self.spatial
+
+
 @dataclass
-class ImageJob:
+class ImageJob(_LatentSize):
     """Text-to-image or image editing, fully resolved."""
 
     request_id: str
@@ -78,20 +94,12 @@ class ImageJob:
     multiple: int = 16  # sizes are multiples of this many pixels
 
     @property
-    def latent_height(self) -> int:
-        return self.height // self.spatial
-
-    @property
-    def latent_width(self) -> int:
-        return self.width // self.spatial
-
-    @property
     def planned_tokens(self) -> int:
         return self.ar_height * (self.ar_width + 1)
 
 
 @dataclass
-class VideoJob:
+class VideoJob(_LatentSize):
     """Text-to-video or video editing, fully resolved."""
 
     request_id: str
@@ -119,14 +127,6 @@ class VideoJob:
     @property
     def latent_frames(self) -> int:
         return (self.frames - 1) // TEMPORAL_COMPRESSION + 1
-
-    @property
-    def latent_height(self) -> int:
-        return self.height // self.spatial
-
-    @property
-    def latent_width(self) -> int:
-        return self.width // self.spatial
 
 
 @dataclass
