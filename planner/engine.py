@@ -275,7 +275,12 @@ class PlannerEngine:
         top_p: float = 1.0,
         reference_images: Sequence[Any] = (),
         negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
+        export_hidden: bool = True,
     ) -> PlanResult:
+        """Plan ``ar_height x (ar_width + 1)`` visual tokens and export the DiT conditions.
+
+        ``export_hidden=False`` skips the hidden-state export (the conditions are zeros); it
+        exists to measure the export's cost."""
         if self.config.mode != "mammoth2":
             raise RuntimeError("plan_image needs a MammothModa2 planner (mode='mammoth2')")
         t0 = time.perf_counter()
@@ -305,7 +310,7 @@ class PlannerEngine:
             "image_end_id": lay.image_end_id, "visual_start": lay.visual_start_id,
             "num_visual": lay.num_visual_codes,
         }
-        cond_spec = {**base, "role": "cond", "shm": block.name, "shm_rows": rows, "hidden": self.hidden_size,
+        cond_spec = {**base, "role": "cond", "shm": block.name if export_hidden else None, "shm_rows": rows, "hidden": self.hidden_size,
                      "layers": list(self.config.condition_layers), "owner_pid": os.getpid()}
         use_cfg = cfg_scale > 1.0
         ids = [pair + "-c"] + ([pair + "-u"] if use_cfg else [])
@@ -332,7 +337,7 @@ class PlannerEngine:
                 raise RuntimeError(f"planning stopped early ({len(generated)} of {grid_len} tokens)")
             visual = torch.tensor(generated[:grid_len], dtype=torch.long)
             seq = torch.tensor(prompt_ids + generated[: grid_len + 1], dtype=torch.long)
-            hidden = block.read(seq.numel())
+            hidden = block.read(seq.numel()) if export_hidden else torch.zeros(seq.numel(), self.hidden_size)
         except asyncio.CancelledError:
             await self.llm.abort(ids)
             if neg_task is not None:

@@ -15,6 +15,7 @@ Reuses vLLM's Qwen3-VL vision tower, multimodal processor and attention; adds
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from itertools import islice
 
@@ -234,12 +235,14 @@ class MammothLLMForCausalLM(Qwen3LLMForCausalLM):
             self.gen_head = ParallelLMHead(config.gen_vocab_size, config.hidden_size, prefix="gen_head")
             self.gen_logits_processor = LogitsProcessor(config.gen_vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        # Benchmark switch: compute the full [lm_head | gen_head] for grid rows too.
+        self.grid_logits = os.environ.get("MAMMOTH_PLANNER_FULL_LOGITS", "0") != "1"
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         if not self.extra_gen_vocab:
             return self.logits_processor(self.lm_head, hidden_states)
         n = hidden_states.shape[0]
-        grid = get_runtime().grid_rows(n, hidden_states.device)
+        grid = get_runtime().grid_rows(n, hidden_states.device) if self.grid_logits else None
         width = self.gen_vocab_start_index + self.config.gen_vocab_size
         if grid is not None and bool(grid.all()):
             # Every row samples on the visual grid: the text head is never computed.

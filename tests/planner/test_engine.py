@@ -165,3 +165,82 @@ def test_cancellation_aborts_and_frees(engine):
     assert time.perf_counter() - t0 < 60
     res = run(engine, engine.plan_image("after cancel", ar_height=1, ar_width=2, cfg_scale=2.0, negative_prompt=None))
     _assert_grid(res.visual_token_ids, 1, 2)
+
+
+def test_gen_routing_on_the_multimodal_path(engine, reference, tiny_planner_dir):
+    """Image + gen tokens: vLLM (embeddings path with the carried mask) equals transformers'
+    Qwen3-VL run on the same weights with the gen experts patched in; without them it differs
+    exactly from the first gen token on."""
+    from transformers import AutoProcessor
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    text = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>draw it<|im_end|>\n"
+            "<|image start|><|endofline|><|image token|> then text")
+    hidden, ids = run(engine, engine._capture({"prompt": text, "multi_modal_data": {"image": [image]}}, (-1,)))
+    proc = AutoProcessor.from_pretrained(str(tiny_planner_dir))
+    inputs = proc(text=[text], images=[image], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ids
+    routed = _hf_last_hidden(reference, inputs, routed=True)
+    unrouted = _hf_last_hidden(reference, inputs, routed=False)
+    torch.testing.assert_close(hidden, routed, atol=3e-3, rtol=3e-3)
+    t = torch.tensor(ids)
+    first_gen = int((t >= LAY.gen_vocab_start_index).nonzero()[0])
+    diff = (routed - unrouted).abs().amax(-1)
+    assert (diff[:first_gen] < 1e-5).all() and (diff[first_gen:] > 1e-3).all()
+    assert (hidden - unrouted)[first_gen:].abs().amax() > 1e-2
+
+
+def _hf_last_hidden(reference, inputs, routed: bool) -> torch.Tensor:
+    """transformers' Qwen3-VL (vision, deepstack, M-RoPE) + our gen embeddings / experts."""
+    from transformers import Qwen3VLConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**_stock_config())).eval()
+    state = {k: v for k, v in reference.state_dict().items() if "gen_" not in k}
+    model.load_state_dict(state, strict=False)
+    ids = inputs["input_ids"]
+    gen = ids >= LAY.gen_vocab_start_index
+    lm = model.model.language_model
+    ref_lm = reference.model.language_model
+    plain_embed = lm.embed_tokens
+
+    class Embed(torch.nn.Module):
+        def forward(self, x):
+            out = plain_embed(x.masked_fill(x >= LAY.gen_vocab_start_index, 0))
+            if x.shape == ids.shape and (x == ids.masked_fill(gen, 0)).all():
+                out[gen] = ref_lm.gen_embed_tokens(ids[gen] - LAY.gen_vocab_start_index)
+            return out
+
+    class Routed(torch.nn.Module):
+        def __init__(self, und, gen_mlp):
+            super().__init__()
+            self.und, self.gen_mlp = und, gen_mlp
+
+        def forward(self, x):
+            return torch.where(gen[..., None], self.gen_mlp(x), self.und(x))
+
+    lm.embed_tokens = Embed()
+    if routed:
+        for layer, ref_layer in zip(lm.layers, ref_lm.layers):
+            if ref_layer.gen_mlp is not None:
+                layer.mlp = Routed(layer.mlp, ref_layer.gen_mlp)
+    with torch.inference_mode():
+        out = model(input_ids=ids.masked_fill(gen, 0), attention_mask=inputs["attention_mask"],
+                    pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                    mm_token_type_ids=(ids == 151655).long(), output_hidden_states=True)
+    return out.hidden_states[-1][0].float()
+
+
+def _stock_config() -> dict:
+    """The tiny config in transformers' own Qwen3-VL terms (its vision tower, no gen keys)."""
+    from planner.presets import stage_config
+
+    cfg = stage_config("tiny-mammoth2")
+    text = {k: v for k, v in cfg["text_config"].items()
+            if k not in ("gen_vocab_size", "gen_vocab_start_index", "moe_type", "extra_gen_vocab", "model_type")}
+    rope = dict(text.pop("rope_scaling"))
+    rope["rope_theta"] = text.pop("rope_theta")
+    text["rope_parameters"] = rope
+    vision = {k: v for k, v in cfg["vision_config"].items() if k != "model_type"}
+    return {"text_config": text, "vision_config": vision, "dtype": "float32"}
