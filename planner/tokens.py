@@ -212,6 +212,18 @@ def write_tokenizer(layout: TokenLayout, directory: str | Path) -> None:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
+    write_official_vocab_files(layout, directory)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (cache / name).exists():
             shutil.copyfile(cache / name, directory / name)
+
+
+def write_official_vocab_files(layout: TokenLayout, directory: str | Path) -> None:
+    """The two files the official ``MammothUTokenizer`` reads: the BPE ranks
+    (``mammothu.tiktoken``) and the vision tokens that follow its built-in specials
+    (``mammothu_vision_tokens.txt``, one per line, from ``<|image start|>`` on)."""
+    directory = Path(directory)
+    shutil.copyfile(_qwen_tiktoken_path(), directory / "mammothu.tiktoken")
+    specials = layout.special_tokens()
+    first = specials.index(IMAGE_MARKERS[0])
+    (directory / "mammothu_vision_tokens.txt").write_text("\n".join(specials[first:]) + "\n")

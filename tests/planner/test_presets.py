@@ -67,6 +67,9 @@ def test_checkpoint_layout_and_determinism(tiny_planner_dir, tmp_path):
 
     assert torch.equal(get(tiny_planner_dir), get(again))
     assert not torch.equal(get(tiny_planner_dir), get(other))
+    vision_lines = (tiny_planner_dir / "mammothu_vision_tokens.txt").read_text().splitlines()
+    # official MammothUTokenizer: ranks + 3 + 23 Qwen specials + 181 extras + 214 margins + 5, then these
+    assert 151643 + 3 + 23 + 181 + 214 + 5 + len(vision_lines) == 152064 + 32800
     gcfg = json.loads((tiny_planner_dir / "t2i_generation_config.json").read_text())
     assert gcfg["eol_token_id"] == 152064
 
