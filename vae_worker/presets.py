@@ -78,12 +78,36 @@ _WAN21: dict[str, Any] = {
 
 _TINY_MAMMOTH25: dict[str, Any] = {**_WAN21, "base_dim": 16, "num_res_blocks": 1}
 
+# Wan2.2 causal 3D VAE (what the released MammothModa2.5 checkpoints use: the reference
+# pipeline draws 48-channel noise): z_dim 48, 2x2 pixel patching + 8x = 16x spatial, 4x
+# temporal. Its per-channel latent statistics are checkpoint data that ship in the real
+# ``vae/config.json``; the preset only fixes the architecture, so they are neutral here.
+_WAN22: dict[str, Any] = {
+    "_class_name": "AutoencoderKLWan",
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "z_dim": 48,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "dropout": 0.0,
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "latents_mean": [0.0] * 48,
+    "latents_std": [1.0] * 48,
+    "scale_factor_temporal": 4,
+    "scale_factor_spatial": 16,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-mammoth2": _TINY_MAMMOTH2,
     "tiny-mammoth25": _TINY_MAMMOTH25,
     "mammoth2-dev": _MAMMOTH2_DEV,
-    "mammoth25-6b-a1b": _WAN21,
-    "mammoth25-20b-a3b": _WAN21,
+    "mammoth25-6b-a1b": _WAN22,
+    "mammoth25-20b-a3b": _WAN22,
 }
 
 MODEL_CLASSES: dict[str, type] = {"AutoencoderKL": AutoencoderKL, "AutoencoderKLWan": AutoencoderKLWan}
