@@ -58,27 +58,19 @@ class PlannerDeployment:
     # -- gRPC: mammoth.v1.Planner -----------------------------------------------------------
     async def PlanImage(self, request: planner_pb2.PlanImageRequest, grpc_context=None):  # noqa: N802
         try:
-            msg = generation_pb2.EditImageRequest(instruction=request.prompt)
+            edit = bool(request.reference_images)
+            msg = (generation_pb2.EditImageRequest(instruction=request.prompt) if edit
+                   else generation_pb2.GenerateImageRequest(prompt=request.prompt))
             for name in ("ar_height", "ar_width", "temperature", "top_k", "top_p", "negative_prompt", "cfg_scale"):
                 if request.HasField(name):
                     target = {"temperature": "ar_temperature", "top_k": "ar_top_k", "top_p": "ar_top_p",
                               "cfg_scale": "ar_cfg_scale"}.get(name, name)
                     setattr(msg, target, getattr(request, name))
             msg.seed = request.seed
-            msg.reference_images.extend(request.reference_images)
-            job = image_job(msg, self.defaults, self.cfg.ingress.limits, edit=bool(request.reference_images))
-            references = None
-            if job.reference_images:
-                from vae_worker.media import decode_image, fit_to_grid
-
-                limits = media_limits(self.cfg)
-                pixels = []
-                for i, data in enumerate(job.reference_images):
-                    image = decode_image(data, limits, f"reference_images[{i}]")
-                    pixels.append(fit_to_grid(image, job.width, job.height, job.resize_policy))
-                import numpy as np
-
-                references = EncodedMedia([], [np.asarray(p) for p in pixels], job.width, job.height)
+            if edit:
+                msg.reference_images.extend(request.reference_images)
+            job = image_job(msg, self.defaults, self.cfg.ingress.limits, edit=edit)
+            references = await self.stage.fit_references(job) if job.reference_images else None
             result = await self.plan_image(job, references)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             grpc_abort(grpc_context, exc)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from planner.engine import PlannerEngine, planner_config_from_dir
-from vae_worker.media import MediaLimits, decode_image, decode_video
+from vae_worker.media import MediaLimits, decode_image, decode_video, fit_to_grid, grid_size
 
 from ..config import PlannerEngine as PlannerEngineSettings
 from ..handoff import EncodedMedia, ImageConditions, PromptConditions
@@ -73,6 +73,18 @@ class PlannerStage:
             planned_tokens=int(result.visual_token_ids.numel()),
             timings=timings,
         )
+
+    async def fit_references(self, job: ImageJob) -> EncodedMedia:
+        """Reference images decoded and fitted for the planner alone (no latents): what a
+        ``Planner.PlanImage`` gRPC caller gets without going through the VAE stage."""
+        pixels = []
+        for i, data in enumerate(job.reference_images):
+            image = await asyncio.to_thread(decode_image, data, self.media_limits, f"reference_images[{i}]")
+            if job.size_from_reference and i == 0:
+                job.width, job.height = grid_size(image.width, image.height, max_pixels=job.width * job.height,
+                                                  multiple=job.multiple)
+            pixels.append(np.asarray(fit_to_grid(image, job.width, job.height, job.resize_policy, job.multiple)))
+        return EncodedMedia([], pixels, job.width, job.height)
 
     # -- video family -------------------------------------------------------------------------
     async def encode_prompts(self, job: VideoJob) -> PromptConditions:

@@ -19,7 +19,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protos import common_pb2, generation_pb2, generation_pb2_grpc
+from protos import (
+    common_pb2,
+    dit_pb2,
+    dit_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    planner_pb2,
+    planner_pb2_grpc,
+    vae_pb2,
+    vae_pb2_grpc,
+)
+from protos.tensors import ndarray_from_proto, tensor_to_proto
 from services.client import ClientError, MammothClient
 from services.config import ServeConfig
 
@@ -44,7 +55,7 @@ def served(tmp_path_factory):
 models:
   image: {{preset: tiny-mammoth2, cache_dir: {cache}}}
   video: {{preset: tiny-mammoth25, cache_dir: {cache}}}
-ingress: {{grpc_port: {grpc_port}, http_port: {http_port}, host: 127.0.0.1,
+ingress: {{grpc_port: {grpc_port}, http_port: {http_port}, host: 127.0.0.1, expose_stages: true,
           limits: {{max_width: 512, max_height: 512, max_frames: 17, max_steps: 40}}}}
 dit: {{engine: {{batch_wait_timeout_s: 0.2}}}}
 """
@@ -56,9 +67,36 @@ dit: {{engine: {{batch_wait_timeout_s: 0.2}}}}
         serve_down()
 
 
+class _WithApp(grpc.UnaryStreamClientInterceptor, grpc.UnaryUnaryClientInterceptor):
+    """Adds the ``application`` metadata the Serve proxy routes by when several apps listen."""
+
+    def __init__(self, app: str):
+        self.app = app
+
+    def _details(self, details):
+        metadata = list(details.metadata or []) + [("application", self.app)]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base, metadata):
+        self.method, self.timeout, self.metadata = base.method, base.timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = base.credentials, base.wait_for_ready, None
+
+
+def _channel(cfg: ServeConfig, app: str) -> grpc.Channel:
+    return grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{cfg.ingress.grpc_port}"), _WithApp(app))
+
+
 @pytest.fixture
 def grpc_stub(served):
-    channel = grpc.insecure_channel(f"127.0.0.1:{served.ingress.grpc_port}")
+    channel = _channel(served, "mammoth")
     yield generation_pb2_grpc.GenerationStub(channel)
     channel.close()
 
@@ -193,6 +231,48 @@ def test_cancel_mid_denoise_frees_the_dit(served, grpc_stub):
         time.sleep(0.2)
     # ...and the DiT serves the next request.
     assert _client(served).generate_image("next", seed=2, steps=1, width=64, height=64).width == 64
+
+
+def test_deadline_is_enforced_and_frees_the_dit(served, grpc_stub):
+    from ray import serve
+
+    request = generation_pb2.GenerateImageRequest(prompt="slow", seed=1, steps=40, width=256, height=256)
+    with pytest.raises(grpc.RpcError) as info:
+        list(grpc_stub.GenerateImage(request, timeout=3.0))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    dit = serve.get_deployment_handle("DiT", app_name="image-dit")
+    deadline = time.monotonic() + 30
+    while dit.stats.remote().result()["active_requests"]:
+        assert time.monotonic() < deadline, "the timed-out request kept the DiT busy"
+        time.sleep(0.2)
+
+
+def test_stage_services_answer_grpc_clients_directly(served):
+    """Plan only, denoise only, decode only: each stage app serves its own gRPC service."""
+    planner = planner_pb2_grpc.PlannerStub(_channel(served, "image-planner"))
+    plan = planner.PlanImage(planner_pb2.PlanImageRequest(prompt="a cat", seed=1, ar_height=2, ar_width=2))
+    text = ndarray_from_proto(plan.text_condition, name="text_condition")
+    assert plan.planned_tokens == 2 * 3 and text.ndim == 2 and text.shape[1] == 128
+    encoded = planner.EncodePrompt(planner_pb2.EncodePromptRequest(prompt="a cat"))
+    assert encoded.num_tokens > 0
+
+    dit = dit_pb2_grpc.DiTStub(_channel(served, "image-dit"))
+    request = dit_pb2.DenoiseRequest(latent_height=8, latent_width=8, steps=2, seed=3, text_guidance=1.0)
+    request.text_condition.CopyFrom(plan.text_condition)
+    request.image_condition.CopyFrom(plan.image_condition)
+    events = list(dit.Denoise(request))
+    assert [e.step.step for e in events[:-1]] == [1, 2] and events[-1].HasField("result")
+    latents = ndarray_from_proto(events[-1].result.latents, name="latents")
+    assert latents.shape == (16, 8, 8)
+
+    vae = vae_pb2_grpc.VAEStub(_channel(served, "image-vae"))
+    decode = vae_pb2.DecodeRequest(image_format=common_pb2.IMAGE_FORMAT_PNG)
+    tensor_to_proto(latents, out=decode.latents)
+    image = vae.Decode(decode)
+    assert (image.width, image.height) == (64, 64) and _image_size(image.media.data) == (64, 64)
+    with pytest.raises(grpc.RpcError) as info:
+        vae.Decode(vae_pb2.DecodeRequest(latents=common_pb2.Tensor(dtype="float32", shape=[16, 8, 8], data=b"x")))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "latents" in info.value.details()
 
 
 # ---------------------------------------------------------------------------- bad input
