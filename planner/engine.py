@@ -34,12 +34,6 @@ from .tokens import TokenLayout
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NEGATIVE_PROMPT = (
-    "deformed, blurry, over saturation, bad anatomy, disfigured, poorly drawn face, mutation, mutated, "
-    "extra_limb, ugly, poorly drawn hands, fused fingers, messy drawing, broken legs censor, censored, "
-    "censor_bar Create an image from the instruction."
-)
-
 
 @dataclass
 class PlannerConfig(DataclassConfig):
@@ -274,7 +268,7 @@ class PlannerEngine:
         top_k: int = 0,
         top_p: float = 1.0,
         reference_images: Sequence[Any] = (),
-        negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
+        negative_prompt: str | None = None,
         export_hidden: bool = True,
     ) -> PlanResult:
         """Plan ``ar_height x (ar_width + 1)`` visual tokens and export the DiT conditions.

@@ -28,7 +28,7 @@ def planner_config(model_dir: Path, settings: PlannerEngineSettings, device: str
     return planner_config_from_dir(
         model_dir / "planner",
         device=device,
-        dtype="auto" if device == "cpu" else dtype,
+        dtype=dtype,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         enforce_eager=settings.enforce_eager,
