@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e ".[$(EXTRAS),dev]"
+	$(PY) scripts/fix_cpu_wheels.py
 	touch $@
 
 install: $(VENV)/.installed
