@@ -32,15 +32,23 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-async def _local_request(stages: Any, job_args: dict[str, Any], defaults: dict, limits: Any) -> float:
+async def _local_request(stages: Any, job_args: dict[str, Any], defaults: dict, limits: Any,
+                         ) -> tuple[float, dict[str, float]]:
     from services import flows
     from services.jobs import image_job
 
     job = image_job(generation_pb2.GenerateImageRequest(**job_args), defaults, limits, edit=False)
     start = time.perf_counter()
-    async for _ in flows.text_to_image(stages, job):
-        pass
-    return time.perf_counter() - start
+    timings: dict[str, float] = {}
+    async for event in flows.text_to_image(stages, job):
+        if isinstance(event, flows.Result):
+            timings = event.timings
+    return time.perf_counter() - start, timings
+
+
+def _phase_medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for s in samples for k in s})
+    return {k: round(_median([s[k] for s in samples if k in s]), 4) for k in keys}
 
 
 def _hop_costs(repeats: int) -> dict[str, float]:
@@ -99,6 +107,7 @@ def main() -> None:
     index = ensure_model(cfg, "image")
     request = {"prompt": "a lighthouse on a cliff", "seed": 1, "steps": args.steps, "width": 256, "height": 256}
     times: dict[str, list[float]] = {"in_process": [], "grpc": [], "http": []}
+    phases: dict[str, list[dict[str, float]]] = {"in_process": [], "grpc": [], "http": []}
     loop = asyncio.new_event_loop()
     stages = loop.run_until_complete(start_local_stages(cfg, "image"))
     try:
@@ -107,17 +116,19 @@ def main() -> None:
         http_client = MammothClient("127.0.0.1:9310", "http://127.0.0.1:8310", use_http=True)
         options = {k: v for k, v in request.items() if k != "prompt"}
         for warm in (True,) + (False,) * args.repeats:  # first round warms every path up
-            local = loop.run_until_complete(_local_request(stages, request, index.defaults, cfg.ingress.limits))
+            local, local_phases = loop.run_until_complete(
+                _local_request(stages, request, index.defaults, cfg.ingress.limits))
             start = time.perf_counter()
-            grpc_client.generate_image(request["prompt"], **options)
+            grpc_out = grpc_client.generate_image(request["prompt"], **options)
             grpc_s = time.perf_counter() - start
             start = time.perf_counter()
-            http_client.generate_image(request["prompt"], **options)
+            http_out = http_client.generate_image(request["prompt"], **options)
             http_s = time.perf_counter() - start
             if not warm:
-                times["in_process"].append(local)
-                times["grpc"].append(grpc_s)
-                times["http"].append(http_s)
+                for key, seconds, phase in (("in_process", local, local_phases), ("grpc", grpc_s, grpc_out.timings),
+                                            ("http", http_s, http_out.timings)):
+                    times[key].append(seconds)
+                    phases[key].append(phase)
         hops = _hop_costs(max(5, args.repeats))
     finally:
         loop.run_until_complete(stages.close())
@@ -127,6 +138,7 @@ def main() -> None:
         "bench": "serve_overhead",
         "request": request,
         "median_s": {k: round(v, 4) for k, v in medians.items()},
+        "median_phase_s": {k: _phase_medians(v) for k, v in phases.items()},
         "ratio_grpc": round(medians["grpc"] / medians["in_process"], 3),
         "ratio_http": round(medians["http"] / medians["in_process"], 3),
         "target_ratio": 1.10,
