@@ -41,6 +41,7 @@ class _Pending:
     events: asyncio.Queue
     preview: bool
     loop: asyncio.AbstractEventLoop
+    upstream_timings: dict[str, float] = field(default_factory=dict)  # planner / VAE encode, passed on
     cancelled: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -111,7 +112,8 @@ class DiTStage:
             field, _, message = str(exc).partition(": ")
             raise InvalidArgument(field, message or field) from None
         shape = self.engine.family.latent_shape(request, self.engine.latent_channels)
-        pending = _Pending(request, shape, asyncio.Queue(), job.preview, asyncio.get_running_loop())
+        upstream = {**getattr(conditions, "timings", {}), **(getattr(media, "timings", None) or {})}
+        pending = _Pending(request, shape, asyncio.Queue(), job.preview, asyncio.get_running_loop(), upstream)
         self._ensure_worker()
         await self._queue.put(pending)
         finished = False
@@ -184,7 +186,8 @@ class DiTStage:
 
     def _done(self, output: DenoiseOutput, pending: _Pending) -> DenoiseDone:
         array = np.ascontiguousarray(output.latents.float().cpu().numpy())
-        timings = {"dit": output.seconds, "dit_queue": max(0.0, time.perf_counter() - pending.enqueued - output.seconds)}
+        timings = {**pending.upstream_timings, "dit": output.seconds,
+                   "dit_queue": max(0.0, time.perf_counter() - pending.enqueued - output.seconds)}
         return DenoiseDone(self.publish(array), tuple(array.shape), output.steps, timings)
 
     async def close(self) -> None:
