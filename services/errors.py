@@ -30,13 +30,22 @@ class ClientError:
 
 def _ray_types() -> dict[str, tuple[type, ...]]:
     try:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+        from ray.exceptions import (
+            ActorDiedError,
+            ActorUnavailableError,
+            GetTimeoutError,
+            OutOfMemoryError,
+            RayActorError,
+            WorkerCrashedError,
+        )
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
     except ImportError:  # in-process use without Ray installed
         return {"backpressure": (), "unavailable": (), "timeout": (), "cancelled": ()}
     return {
         "backpressure": (BackPressureError,),
-        "unavailable": (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError),
+        # a replica or worker died (crash, memory monitor): retryable, not the client's fault
+        "unavailable": (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError,
+                        OutOfMemoryError, WorkerCrashedError),
         "timeout": (GetTimeoutError,),
         "cancelled": (RequestCancelledError,),
     }
