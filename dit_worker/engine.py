@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CONFIG_NAME, CheckpointError, from_pretrained
+from .checkpoint import CONFIG_NAME, CheckpointError, load_state_into
 from .families import Family, config_class_for, family_for
 from .guidance import GuidanceChain, combine
 from .requests import ImageDenoiseRequest, VideoDenoiseRequest
@@ -87,12 +87,13 @@ class DiTEngine:
         path = directory / CONFIG_NAME
         if not path.is_file():
             raise CheckpointError(f"missing {CONFIG_NAME} in {directory}")
-        class_name = json.loads(path.read_text()).get("_class_name", "")
-        config_cls = config_class_for(class_name)
-        family = family_for(config_cls.from_dict(json.loads(path.read_text())), directory)
-        model = from_pretrained(family.model_cls, config_cls, directory, device=config.device,
-                                dtype=getattr(torch, config.dtype))
-        return cls(model, family, config)
+        data = json.loads(path.read_text())  # read once: _class_name picks the family
+        model_config = config_class_for(data.get("_class_name", "")).from_dict(data)
+        family = family_for(model_config, directory)
+        with torch.device("meta"):
+            model = family.model_cls(model_config)
+        load_state_into(model, directory, device=config.device, dtype=getattr(torch, config.dtype))
+        return cls(model.eval(), family, config)
 
     # -- control ---------------------------------------------------------------------------
     def abort(self, request_id: str) -> None:
@@ -215,6 +216,8 @@ class DiTEngine:
     def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor, prepared: Any, rows: list[int]) -> torch.Tensor:
         timesteps = timesteps.to(self.device, torch.float32)  # bf16 would round 937.5 to 936
         limit = self.config.max_batch_rows
+        if len(rows) <= limit and rows == list(range(prepared.batch_size)):
+            return self.model(latents, timesteps, prepared)  # every branch of every request, in order
         chunks = []
         for start in range(0, len(rows), limit):
             chunk_rows = rows[start:start + limit]

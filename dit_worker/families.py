@@ -6,12 +6,9 @@ scales), so a served request denoises like the research code does.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
-from torch import nn
 
 from .checkpoint import DataclassConfig
 from .guidance import GuidanceChain
@@ -21,14 +18,6 @@ from .requests import ImageDenoiseRequest, VideoDenoiseRequest
 from .sampling import FlowMatchSampler, image_sampler, video_sampler
 
 SCHEDULER_DIR = "scheduler"
-
-
-class DenoiserModel(Protocol):
-    """What the engine needs from a DiT: timestep-independent prepare, then per-step forward."""
-
-    def prepare(self, conditions: list[Any]) -> Any: ...
-
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, prepared: Any) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -109,8 +98,6 @@ def family_for(config: DataclassConfig, directory: str | Path | None = None) -> 
         if directory is not None:
             path = Path(directory) / SCHEDULER_DIR / "scheduler_config.json"
             if path.is_file():
-                import json
-
                 scheduler_config = json.loads(path.read_text())
         return VideoFamily(scheduler_config=scheduler_config)
     raise ValueError(f"unsupported DiT config {type(config).__name__}")
@@ -123,6 +110,3 @@ def config_class_for(class_name: str) -> type[DataclassConfig]:
         raise ValueError(f"dit config.json: unknown _class_name {class_name!r}; "
                          f"expected one of {sorted(_BY_CONFIG_CLASS)}") from None
 
-
-def model_for(config: DataclassConfig) -> nn.Module:
-    return family_for(config).model_cls(config)

@@ -170,6 +170,11 @@ class RequestLimits(_Section):
     max_image_bytes: PositiveInt = 20 * MiB  # one encoded input image
     max_video_bytes: PositiveInt = 200 * MiB  # one encoded input video
     max_request_bytes: PositiveInt = 256 * MiB  # a whole request message
+    # Untrusted media before fitting (checked from headers first, then while decoding)
+    max_input_pixels: PositiveInt = 40_000_000  # one input image (decompression bombs)
+    max_input_video_frames: PositiveInt = 241
+    max_input_video_seconds: PositiveFloat = 16.0
+    media_decode_timeout_s: PositiveFloat = 60.0
     max_understand_tokens: PositiveInt = 2048
     max_ar_grid: PositiveInt = 64  # planner visual-token grid rows/columns
     max_guidance: PositiveFloat = 50.0  # any guidance scale (DiT and planner)

@@ -25,9 +25,12 @@ from .stages.vae import VAEStage
 
 
 def media_limits(cfg: ServeConfig) -> MediaLimits:
+    """The media stage's decode bounds from the config (output sizes are checked in ``jobs``)."""
     limits = cfg.ingress.limits
-    return MediaLimits(max_width=max(limits.max_width, 4096), max_height=max(limits.max_height, 4096),
-                       max_frames=max(limits.max_frames, 1024))
+    return MediaLimits(max_bytes=limits.max_image_bytes, max_video_bytes=limits.max_video_bytes,
+                       max_pixels=limits.max_input_pixels, max_frames=limits.max_input_video_frames,
+                       max_duration_s=limits.max_input_video_seconds,
+                       decode_timeout_s=limits.media_decode_timeout_s)
 
 
 def ensure_model(cfg: ServeConfig, name: str) -> ModelIndex:

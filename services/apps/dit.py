@@ -58,6 +58,7 @@ class DiTDeployment:
         self.cfg = config_from_args(args)
         self.model, index = model_from_args(self.cfg, args)
         self.family = index.family
+        self.defaults = index.defaults
         apply_threads(self.cfg.dit.engine.cpu_threads)
         self.stage = DiTStage.from_model_dir(index.root, dit_engine_config(self.cfg),
                                              batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s,
@@ -123,33 +124,42 @@ class DiTDeployment:
 
     def _from_proto(self, request: dit_pb2.DenoiseRequest):
         request_id = request.request_id or new_request_id("dit")
-        steps = request.steps or 50
+        steps = request.steps or self.defaults.get("steps", 50)
         seed = check_seed(request.seed)
         cfg_range = check_cfg_range(request, (0.0, 1.0))
         negative = tensor_field(request, "negative_condition")
         if self.family == "mammoth2":
             refs = [ndarray_from_proto(t, name=f"ref_latents[{i}]") for i, t in enumerate(request.ref_latents)]
             image = tensor_field(request, "image_condition")
-            job = ImageJob(request_id, "", None, request.latent_width * 8, request.latent_height * 8, steps, seed,
-                           request.text_guidance if request.HasField("text_guidance") else 5.0,
-                           request.image_guidance if request.HasField("image_guidance") else 2.0, cfg_range,
-                           0, 0, 1.0, 1.0, 0, 1.0, OutputSpec("png"), preview=request.preview)
+            job = ImageJob(
+                request_id=request_id, prompt="", negative_prompt=None,
+                width=request.latent_width * 8, height=request.latent_height * 8, steps=steps, seed=seed,
+                text_guidance=_or(request, "text_guidance", self.defaults.get("text_guidance", 5.0)),
+                image_guidance=_or(request, "image_guidance", self.defaults.get("image_guidance", 2.0)),
+                cfg_range=cfg_range, ar_height=0, ar_width=0, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0,
+                ar_top_p=1.0, output=OutputSpec("png"), preview=request.preview)
             text = tensor_field(request, "text_condition", required=True)
             conditions = ImageConditions(text.numpy(), image.numpy() if image is not None else None,
                                          negative.numpy() if negative is not None else None, 0)
             media = EncodedMedia(refs, [], job.width, job.height) if refs else None
         else:
             source = tensor_field(request, "source_latents")
-            job = VideoJob(request_id, "", "", request.latent_width * 8, request.latent_height * 8,
-                           (max(request.latent_frames, 1) - 1) * 4 + 1, 16, steps, seed,
-                           request.guidance if request.HasField("guidance") else 5.0,
-                           request.context_guidance if request.HasField("context_guidance") else 1.0,
-                           cfg_range, OutputSpec("mp4"), preview=request.preview)
+            job = VideoJob(
+                request_id=request_id, prompt="", negative_prompt="",
+                width=request.latent_width * 8, height=request.latent_height * 8,
+                frames=(max(request.latent_frames, 1) - 1) * 4 + 1, fps=16, steps=steps, seed=seed,
+                guidance=_or(request, "guidance", self.defaults.get("guidance", 5.0)),
+                context_guidance=_or(request, "context_guidance", self.defaults.get("context_guidance", 1.0)),
+                cfg_range=cfg_range, output=OutputSpec("mp4"), preview=request.preview)
             prompt = tensor_field(request, "prompt_condition", required=True)
             conditions = PromptConditions(prompt.numpy(), negative.numpy() if negative is not None else None)
             media = EncodedMedia([source.numpy()], [], job.width, job.height) if source is not None else None
         job.sigmas = list(request.sigmas) or None
         return job, conditions, media
+
+
+def _or(request: Any, name: str, default: float) -> float:
+    return getattr(request, name) if request.HasField(name) else default
 
 
 def app(args: dict[str, Any]) -> serve.Application:

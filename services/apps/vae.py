@@ -20,6 +20,7 @@ from ..jobs import (
     ImageJob,
     OutputSpec,
     VideoJob,
+    geometry,
     new_request_id,
 )
 from ..local import media_limits
@@ -40,6 +41,7 @@ class VAEDeployment:
     def __init__(self, args: dict[str, Any]):
         self.cfg = config_from_args(args)
         self.model, index = model_from_args(self.cfg, args)
+        self.defaults = index.defaults
         engine = self.cfg.vae.engine
         apply_threads(engine.cpu_threads)
         self.stage = VAEStage.from_model_dir(index.root, index.family, device=self.cfg.resolved_device("vae"),
@@ -87,18 +89,26 @@ class VAEDeployment:
             limits = self.cfg.ingress.limits
             has_size = request.HasField("width") and request.HasField("height")
             policy = RESIZE_POLICIES.get(request.resize_policy, "resize")
+            spatial, multiple = geometry(self.defaults)
             if self.stage.is_video:
                 frames = request.max_frames or limits.max_frames
-                job = VideoJob(new_request_id("encode"), "", "", request.width if has_size else limits.max_width,
-                               request.height if has_size else limits.max_height, frames, 0, 1, 0, 1.0, 1.0,
-                               (0.0, 1.0), OutputSpec("mp4"), source_video=request.media.data, resize_policy=policy,
-                               size_from_source=not has_size, frames_from_source=True)
+                job = VideoJob(
+                    request_id=new_request_id("encode"), prompt="", negative_prompt="",
+                    width=request.width if has_size else self.defaults.get("width", limits.max_width),
+                    height=request.height if has_size else self.defaults.get("height", limits.max_height),
+                    frames=frames, fps=0, steps=1, seed=0, guidance=1.0, context_guidance=1.0, cfg_range=(0.0, 1.0),
+                    output=OutputSpec("mp4"), source_video=request.media.data, resize_policy=policy,
+                    size_from_source=not has_size, frames_from_source=True, spatial=spatial, multiple=multiple)
                 encoded = await self.encode_source_video(job)
             else:
-                job = ImageJob(new_request_id("encode"), "", None, request.width if has_size else 1024,
-                               request.height if has_size else 1024, 1, 0, 1.0, 1.0, (0.0, 1.0), 1, 1, 1.0, 1.0, 0,
-                               1.0, OutputSpec("png"), reference_images=[request.media.data], resize_policy=policy,
-                               size_from_reference=not has_size)
+                job = ImageJob(
+                    request_id=new_request_id("encode"), prompt="", negative_prompt=None,
+                    width=request.width if has_size else self.defaults.get("width", 1024),
+                    height=request.height if has_size else self.defaults.get("height", 1024),
+                    steps=1, seed=0, text_guidance=1.0, image_guidance=1.0, cfg_range=(0.0, 1.0), ar_height=1,
+                    ar_width=1, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0, ar_top_p=1.0,
+                    output=OutputSpec("png"), reference_images=[request.media.data], resize_policy=policy,
+                    size_from_reference=not has_size, spatial=spatial, multiple=multiple)
                 encoded = await self.encode_references(job)
         except Exception as exc:  # noqa: BLE001
             grpc_abort(grpc_context, exc)
