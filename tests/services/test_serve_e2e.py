@@ -56,7 +56,7 @@ models:
   image: {{preset: tiny-mammoth2, cache_dir: {cache}}}
   video: {{preset: tiny-mammoth25, cache_dir: {cache}}}
 ingress: {{grpc_port: {grpc_port}, http_port: {http_port}, host: 127.0.0.1, expose_stages: true,
-          limits: {{max_width: 512, max_height: 512, max_frames: 17, max_steps: 40}}}}
+          limits: {{max_width: 512, max_height: 512, max_frames: 17, max_steps: 100}}}}
 dit: {{engine: {{batch_wait_timeout_s: 0.2}}}}
 """
     )
@@ -215,36 +215,50 @@ def test_concurrent_requests_all_complete_and_batch(served):
     assert stats["batches_run"] >= 1
 
 
-def test_cancel_mid_denoise_frees_the_dit(served, grpc_stub):
+def _wait_until_dit_idle(app: str, why: str) -> None:
     from ray import serve
 
+    dit = serve.get_deployment_handle("DiT", app_name=app)
+    deadline = time.monotonic() + 30
+    while dit.stats.remote().result()["active_requests"]:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.2)
+
+
+def _step_timing(grpc_stub, request, steps_to_see: int = 5) -> tuple[float, float]:
+    """Seconds to the first denoise step and per step, measured by cancelling after a few steps."""
+    call, start, stamps = grpc_stub.GenerateImage(request), time.monotonic(), []
+    for event in call:
+        if event.HasField("denoise_step"):
+            stamps.append(time.monotonic() - start)
+            if len(stamps) == steps_to_see:
+                call.cancel()
+                break
+    return stamps[0], (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def test_cancel_mid_denoise_frees_the_dit(served, grpc_stub):
     request = generation_pb2.GenerateImageRequest(prompt="slow", seed=1, steps=40, width=256, height=256)
     call = grpc_stub.GenerateImage(request)
     for event in call:
         if event.HasField("denoise_step"):
             call.cancel()
             break
-    dit = serve.get_deployment_handle("DiT", app_name="image-dit")
-    deadline = time.monotonic() + 30
-    while dit.stats.remote().result()["active_requests"]:
-        assert time.monotonic() < deadline, "the cancelled request kept the DiT busy"
-        time.sleep(0.2)
+    _wait_until_dit_idle("image-dit", "the cancelled request kept the DiT busy")
     # ...and the DiT serves the next request.
     assert _client(served).generate_image("next", seed=2, steps=1, width=64, height=64).width == 64
 
 
 def test_deadline_is_enforced_and_frees_the_dit(served, grpc_stub):
-    from ray import serve
-
-    request = generation_pb2.GenerateImageRequest(prompt="slow", seed=1, steps=40, width=256, height=256)
+    # The deadline must land mid-denoise whatever this machine's speed: measure it first.
+    request = generation_pb2.GenerateImageRequest(prompt="slow", seed=1, steps=100, width=512, height=512)
+    first_step_s, step_s = _step_timing(grpc_stub, request)
+    _wait_until_dit_idle("image-dit", "the cancelled request kept the DiT busy")
+    timeout = first_step_s + max(1.0, 0.4 * request.steps * step_s)  # the whole run needs ~2.5x that
     with pytest.raises(grpc.RpcError) as info:
-        list(grpc_stub.GenerateImage(request, timeout=3.0))
+        list(grpc_stub.GenerateImage(request, timeout=timeout))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    dit = serve.get_deployment_handle("DiT", app_name="image-dit")
-    deadline = time.monotonic() + 30
-    while dit.stats.remote().result()["active_requests"]:
-        assert time.monotonic() < deadline, "the timed-out request kept the DiT busy"
-        time.sleep(0.2)
+    _wait_until_dit_idle("image-dit", "the timed-out request kept the DiT busy")
 
 
 def test_stage_services_answer_grpc_clients_directly(served):
