@@ -55,21 +55,25 @@ class PlanImageResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., visual_token_ids: _Optional[_Iterable[int]] = ..., text_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., image_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., planned_tokens: _Optional[int] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ...) -> None: ...
 
 class EncodePromptRequest(_message.Message):
-    __slots__ = ("request_id", "prompt")
+    __slots__ = ("request_id", "prompt", "negative_prompt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
+    negative_prompt: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ...) -> None: ...
 
 class EncodePromptResponse(_message.Message):
-    __slots__ = ("request_id", "hidden_states", "num_tokens", "timings")
+    __slots__ = ("request_id", "hidden_states", "num_tokens", "timings", "negative_hidden_states")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     hidden_states: _common_pb2.Tensor
     num_tokens: int
     timings: _common_pb2.Timings
-    def __init__(self, request_id: _Optional[str] = ..., hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ...) -> None: ...
+    negative_hidden_states: _common_pb2.Tensor
+    def __init__(self, request_id: _Optional[str] = ..., hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., negative_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...

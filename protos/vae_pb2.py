@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/vae.proto\x12\nmammoth.v1\x1a\x13protos/common.proto\"\xd5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12-\n\x0cimage_format\x18\x03 \x01(\x0e\x32\x17.mammoth.v1.ImageFormat\x12-\n\x0cvideo_format\x18\x04 \x01(\x0e\x32\x17.mammoth.v1.VideoFormat\x12\x14\n\x07quality\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x05\x42\n\n\x08_quality\"\x9b\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05media\x18\x02 \x01(\x0b\x32\x11.mammoth.v1.Media\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x05 \x01(\x05\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.mammoth.v1.Timings\"\xed\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05media\x18\x02 \x01(\x0b\x32\x11.mammoth.v1.Media\x12\x12\n\x05width\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12/\n\rresize_policy\x18\x05 \x01(\x0e\x32\x18.mammoth.v1.ResizePolicy\x12#\n\x04kind\x18\x06 \x01(\x0e\x32\x15.mammoth.v1.MediaKind\x12\x12\n\nmax_frames\x18\x07 \x01(\x05\x42\x08\n\x06_widthB\t\n\x07_height\"\xab\x01\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x05 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x05\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.mammoth.v1.Timings\"\xa6\x01\n\x0ePreviewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\'\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x17.mammoth.v1.ImageFormat\x12\x14\n\x07quality\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08max_side\x18\x05 \x01(\x05\x42\n\n\x08_quality*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x01\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x02\x32\xc1\x01\n\x03VAE\x12?\n\x06\x44\x65\x63ode\x12\x19.mammoth.v1.DecodeRequest\x1a\x1a.mammoth.v1.DecodeResponse\x12?\n\x06\x45ncode\x12\x19.mammoth.v1.EncodeRequest\x1a\x1a.mammoth.v1.EncodeResponse\x12\x38\n\x07Preview\x12\x1a.mammoth.v1.PreviewRequest\x1a\x11.mammoth.v1.Mediab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/vae.proto\x12\nmammoth.v1\x1a\x13protos/common.proto\"\xd5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12-\n\x0cimage_format\x18\x03 \x01(\x0e\x32\x17.mammoth.v1.ImageFormat\x12-\n\x0cvideo_format\x18\x04 \x01(\x0e\x32\x17.mammoth.v1.VideoFormat\x12\x14\n\x07quality\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x05\x42\n\n\x08_quality\"\x9b\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05media\x18\x02 \x01(\x0b\x32\x11.mammoth.v1.Media\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x05 \x01(\x05\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.mammoth.v1.Timings\"\xfd\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05media\x18\x02 \x01(\x0b\x32\x11.mammoth.v1.Media\x12\x12\n\x05width\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12/\n\rresize_policy\x18\x05 \x01(\x0e\x32\x18.mammoth.v1.ResizePolicy\x12#\n\x04kind\x18\x06 \x01(\x0e\x32\x15.mammoth.v1.MediaKind\x12\x12\n\nmax_frames\x18\x07 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x08 \x01(\x05\x42\x08\n\x06_widthB\t\n\x07_height\"\xab\x01\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x05 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x05\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.mammoth.v1.Timings\"\xa6\x01\n\x0ePreviewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\'\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x17.mammoth.v1.ImageFormat\x12\x14\n\x07quality\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08max_side\x18\x05 \x01(\x05\x42\n\n\x08_quality*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x01\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x02\x32\xc1\x01\n\x03VAE\x12?\n\x06\x44\x65\x63ode\x12\x19.mammoth.v1.DecodeRequest\x1a\x1a.mammoth.v1.DecodeResponse\x12?\n\x06\x45ncode\x12\x19.mammoth.v1.EncodeRequest\x1a\x1a.mammoth.v1.EncodeResponse\x12\x38\n\x07Preview\x12\x1a.mammoth.v1.PreviewRequest\x1a\x11.mammoth.v1.Mediab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.vae_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEDIAKIND']._serialized_start=1010
-  _globals['_MEDIAKIND']._serialized_end=1093
+  _globals['_MEDIAKIND']._serialized_start=1026
+  _globals['_MEDIAKIND']._serialized_end=1109
   _globals['_DECODEREQUEST']._serialized_start=54
   _globals['_DECODEREQUEST']._serialized_end=267
   _globals['_DECODERESPONSE']._serialized_start=270
   _globals['_DECODERESPONSE']._serialized_end=425
   _globals['_ENCODEREQUEST']._serialized_start=428
-  _globals['_ENCODEREQUEST']._serialized_end=665
-  _globals['_ENCODERESPONSE']._serialized_start=668
-  _globals['_ENCODERESPONSE']._serialized_end=839
-  _globals['_PREVIEWREQUEST']._serialized_start=842
-  _globals['_PREVIEWREQUEST']._serialized_end=1008
-  _globals['_VAE']._serialized_start=1096
-  _globals['_VAE']._serialized_end=1289
+  _globals['_ENCODEREQUEST']._serialized_end=681
+  _globals['_ENCODERESPONSE']._serialized_start=684
+  _globals['_ENCODERESPONSE']._serialized_end=855
+  _globals['_PREVIEWREQUEST']._serialized_start=858
+  _globals['_PREVIEWREQUEST']._serialized_end=1024
+  _globals['_VAE']._serialized_start=1112
+  _globals['_VAE']._serialized_end=1305
 # @@protoc_insertion_point(module_scope)

@@ -49,7 +49,7 @@ class DecodeResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., media: _Optional[_Union[_common_pb2.Media, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "media", "width", "height", "resize_policy", "kind", "max_frames")
+    __slots__ = ("request_id", "media", "width", "height", "resize_policy", "kind", "max_frames", "frames")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MEDIA_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class EncodeRequest(_message.Message):
     RESIZE_POLICY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     media: _common_pb2.Media
     width: int
@@ -64,7 +65,8 @@ class EncodeRequest(_message.Message):
     resize_policy: _common_pb2.ResizePolicy
     kind: MediaKind
     max_frames: int
-    def __init__(self, request_id: _Optional[str] = ..., media: _Optional[_Union[_common_pb2.Media, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., resize_policy: _Optional[_Union[_common_pb2.ResizePolicy, str]] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., max_frames: _Optional[int] = ...) -> None: ...
+    frames: int
+    def __init__(self, request_id: _Optional[str] = ..., media: _Optional[_Union[_common_pb2.Media, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., resize_policy: _Optional[_Union[_common_pb2.ResizePolicy, str]] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., max_frames: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("request_id", "latents", "width", "height", "frames", "fps", "timings")

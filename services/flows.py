@@ -26,7 +26,9 @@ class Stages(Protocol):
 
     def encode_prompts(self, job: VideoJob) -> Any: ...
 
-    def encode_references(self, job: ImageJob) -> Any: ...
+    async def encode_references(self, job: ImageJob) -> Any:
+        """Start encoding an edit's inputs; when the first image picks the output size, wait for
+        it (small) and set ``job.width``/``height`` before the DiT shapes its latents."""
 
     def encode_source_video(self, job: VideoJob) -> Any: ...
 
@@ -113,12 +115,7 @@ async def text_to_image(stages: Stages, job: ImageJob) -> AsyncIterator[Event]:
 async def edit_image(stages: Stages, job: ImageJob) -> AsyncIterator[Event]:
     started = time.perf_counter()
     yield Queued(job.request_id)
-    references = stages.encode_references(job)
-    if job.size_from_reference:
-        # The output size follows the first reference image: the encoder decides it, so wait
-        # for it (small) before the DiT shapes its latents.
-        encoded = await stages.resolve(references)
-        job.width, job.height = encoded.width, encoded.height
+    references = await stages.encode_references(job)
     conditions = stages.plan_image(job, references)
     yield Planning(job.request_id, job.planned_tokens)
     async for event in _denoise_and_decode(stages, job, conditions, references, job.planned_tokens, started):

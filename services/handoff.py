@@ -7,6 +7,7 @@ are what the stage gRPC services convert to and from ``protos`` messages.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,18 @@ class EncodedMedia:
     frames: int = 1
     fps: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def merge(cls, parts: Sequence[EncodedMedia]) -> EncodedMedia | None:
+        """One edit's references, encoded one per call, as one input (encode times add up)."""
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        timings = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in first.timings}
+        return cls([a for p in parts for a in p.latents], [a for p in parts for a in p.pixels], first.width,
+                   first.height, first.frames, first.fps, timings)
 
 
 @dataclass

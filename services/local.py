@@ -71,10 +71,14 @@ class LocalStages:
         return await self.planner.plan_image(job, await self.resolve(references))
 
     def encode_prompts(self, job: VideoJob) -> asyncio.Task:
-        return asyncio.ensure_future(self.planner.encode_prompts(job))
+        return asyncio.ensure_future(self.planner.encode_prompts(job.prompt, job.negative_prompt))
 
-    def encode_references(self, job: ImageJob) -> asyncio.Task:
-        return asyncio.ensure_future(self.vae.encode_references(job))
+    async def encode_references(self, job: ImageJob) -> asyncio.Task:
+        task = asyncio.ensure_future(self.vae.encode_references(job))
+        if job.size_from_reference:
+            encoded = await task
+            job.width, job.height = encoded.width, encoded.height
+        return task
 
     def encode_source_video(self, job: VideoJob) -> asyncio.Task:
         return asyncio.ensure_future(self.vae.encode_source_video(job))

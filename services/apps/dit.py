@@ -19,8 +19,8 @@ from protos import dit_pb2
 from protos.tensors import ndarray_from_proto, tensor_field, tensor_to_proto
 
 from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditions, PromptConditions
-from ..jobs import ImageJob, OutputSpec, VideoJob, check_cfg_range, check_seed, new_request_id
 from ..local import dit_engine_config
+from ..stage_messages import denoise_job
 from ..stages.dit import DiTStage
 from .common import StageMetrics, apply_threads, config_from_args, deployment_options, model_from_args
 from .grpc_util import grpc_abort, timings_proto
@@ -74,12 +74,15 @@ class DiTDeployment:
         self.batch_size = serve.metrics.Gauge("mammoth_dit_batch_size", description="requests in the running batch",
                                               tag_keys=("model",))
 
-    async def denoise(self, job: ImageJob | VideoJob, conditions: ImageConditions | PromptConditions,
-                      media: EncodedMedia | None = None) -> AsyncIterator[DenoiseStepEvent | DenoiseDone]:
+    async def denoise(self, request: dit_pb2.DenoiseRequest, conditions: ImageConditions | PromptConditions,
+                      *media: EncodedMedia) -> AsyncIterator[DenoiseStepEvent | DenoiseDone]:
+        """Handle method: a ``DenoiseRequest`` without tensors, the planner's conditions and the
+        VAE's encoded edit inputs beside it (Ray resolves them; none of it passes the ingress)."""
+        job = denoise_job(request, self.family, self.defaults)
         tags = {"model": self.model}
         with self.metrics.call("denoise"):
             last = time.perf_counter()
-            async for event in self.stage.denoise(job, conditions, media):
+            async for event in self.stage.denoise(job, conditions, EncodedMedia.merge(media)):
                 now = time.perf_counter()
                 if isinstance(event, DenoiseStepEvent):
                     self.step_time.observe(now - last, tags=tags)
@@ -102,64 +105,41 @@ class DiTDeployment:
             if count:
                 self.expert_tokens.inc(count, tags={"model": self.model, "expert": str(expert)})
 
-    # -- gRPC: mammoth.v1.DiT ---------------------------------------------------------------
+    # -- gRPC: mammoth.v1.DiT (the same call, tensors read from / put into the messages) ----
     async def Denoise(self, request: dit_pb2.DenoiseRequest, grpc_context=None):  # noqa: N802
         try:
-            job, conditions, media = self._from_proto(request)
-            async for event in self.stage.denoise(job, conditions, media):
+            conditions, media = self._tensors(request)
+            async for event in self.denoise(request, conditions, *media):
+                out = dit_pb2.DenoiseEvent(request_id=request.request_id)
                 if isinstance(event, DenoiseStepEvent):
-                    out = dit_pb2.DenoiseEvent(request_id=job.request_id)
                     out.step.step, out.step.total = event.step, event.total
                     if event.preview_latents is not None:
                         tensor_to_proto(event.preview_latents, out=out.step.preview_latents)
-                    yield out
                 else:
                     latents = ray.get(event.latents[0]) if isinstance(event.latents, list) else event.latents
-                    out = dit_pb2.DenoiseEvent(request_id=job.request_id)
                     tensor_to_proto(np.asarray(latents), out=out.result.latents)
                     out.result.timings.CopyFrom(timings_proto(event.timings))
-                    yield out
+                yield out
         except Exception as exc:  # noqa: BLE001
             grpc_abort(grpc_context, exc)
 
-    def _from_proto(self, request: dit_pb2.DenoiseRequest):
-        request_id = request.request_id or new_request_id("dit")
-        steps = request.steps or self.defaults.get("steps", 50)
-        seed = check_seed(request.seed)
-        cfg_range = check_cfg_range(request, (0.0, 1.0))
-        negative = tensor_field(request, "negative_condition")
+    def _tensors(self, request: dit_pb2.DenoiseRequest) -> tuple[Any, list[EncodedMedia]]:
+        negative = _numpy(tensor_field(request, "negative_condition"))
         if self.family == "mammoth2":
-            refs = [ndarray_from_proto(t, name=f"ref_latents[{i}]") for i, t in enumerate(request.ref_latents)]
-            image = tensor_field(request, "image_condition")
-            job = ImageJob(
-                request_id=request_id, prompt="", negative_prompt=None,
-                width=request.latent_width * 8, height=request.latent_height * 8, steps=steps, seed=seed,
-                text_guidance=_or(request, "text_guidance", self.defaults.get("text_guidance", 5.0)),
-                image_guidance=_or(request, "image_guidance", self.defaults.get("image_guidance", 2.0)),
-                cfg_range=cfg_range, ar_height=0, ar_width=0, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0,
-                ar_top_p=1.0, output=OutputSpec("png"), preview=request.preview)
             text = tensor_field(request, "text_condition", required=True)
-            conditions = ImageConditions(text.numpy(), image.numpy() if image is not None else None,
-                                         negative.numpy() if negative is not None else None, 0)
-            media = EncodedMedia(refs, [], job.width, job.height) if refs else None
+            conditions = ImageConditions(text.numpy(), _numpy(tensor_field(request, "image_condition")), negative, 0)
+            refs = [ndarray_from_proto(t, name=f"ref_latents[{i}]") for i, t in enumerate(request.ref_latents)]
+            media = [EncodedMedia(refs, [], 0, 0)] if refs else []
         else:
-            source = tensor_field(request, "source_latents")
-            job = VideoJob(
-                request_id=request_id, prompt="", negative_prompt="",
-                width=request.latent_width * 8, height=request.latent_height * 8,
-                frames=(max(request.latent_frames, 1) - 1) * 4 + 1, fps=16, steps=steps, seed=seed,
-                guidance=_or(request, "guidance", self.defaults.get("guidance", 5.0)),
-                context_guidance=_or(request, "context_guidance", self.defaults.get("context_guidance", 1.0)),
-                cfg_range=cfg_range, output=OutputSpec("mp4"), preview=request.preview)
             prompt = tensor_field(request, "prompt_condition", required=True)
-            conditions = PromptConditions(prompt.numpy(), negative.numpy() if negative is not None else None)
-            media = EncodedMedia([source.numpy()], [], job.width, job.height) if source is not None else None
-        job.sigmas = list(request.sigmas) or None
-        return job, conditions, media
+            conditions = PromptConditions(prompt.numpy(), negative)
+            source = _numpy(tensor_field(request, "source_latents"))
+            media = [EncodedMedia([source], [], 0, 0)] if source is not None else []
+        return conditions, media
 
 
-def _or(request: Any, name: str, default: float) -> float:
-    return getattr(request, name) if request.HasField(name) else default
+def _numpy(tensor: Any) -> np.ndarray | None:
+    return tensor.numpy() if tensor is not None else None
 
 
 def app(args: dict[str, Any]) -> serve.Application:

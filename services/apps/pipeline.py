@@ -21,9 +21,10 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from starlette.responses import Response as StarletteResponse
 
-from protos import common_pb2, generation_pb2
+from protos import common_pb2, generation_pb2, vae_pb2
 
 from .. import flows
+from .. import stage_messages as messages
 from ..errors import Unauthenticated, classify
 from ..handoff import MediaOutput
 from ..http_api import (
@@ -74,7 +75,12 @@ def _error_json(status: int, message: str, kind: str, param: str | None = None) 
 
 
 class RayStages:
-    """``flows.Stages`` over Serve handles of one model's stage applications."""
+    """``flows.Stages`` over Serve handles of one model's stage applications.
+
+    Each call carries the stage's own request message (``services.stage_messages``); what an
+    earlier stage produced rides beside it as that stage's DeploymentResponse, which Ray
+    resolves in the receiving replica, so no tensor passes through the ingress.
+    """
 
     def __init__(self, model_name: str, model: str):
         self.model_name = model_name
@@ -82,35 +88,41 @@ class RayStages:
         self.dit = serve.get_deployment_handle("DiT", app_name=stage_app_name(model, "dit"))
         self.vae = serve.get_deployment_handle("VAE", app_name=stage_app_name(model, "vae"))
 
-    def plan_image(self, job, references):
-        return self.planner.plan_image.remote(job, references)
+    def plan_image(self, job: ImageJob, references: list[Any] | None) -> Any:
+        return self.planner.plan_image.remote(messages.plan_image_request(job), *(references or []))
 
-    def encode_prompts(self, job):
-        return self.planner.encode_prompts.remote(job)
+    def encode_prompts(self, job: VideoJob) -> Any:
+        return self.planner.encode_prompts.remote(messages.encode_prompt_request(job))
 
-    def encode_references(self, job):
-        return self.vae.encode_references.remote(job)
+    async def encode_references(self, job: ImageJob) -> list[Any]:
+        """One VAE call per image, so several replicas can encode them at once."""
+        first = self.vae.encode.remote(messages.reference_encode_request(job, 0, sized=not job.size_from_reference))
+        if job.size_from_reference:
+            encoded = await first
+            job.width, job.height = encoded.width, encoded.height
+        rest = [self.vae.encode.remote(messages.reference_encode_request(job, i, sized=True))
+                for i in range(1, len(job.reference_images))]
+        return [first, *rest]
 
-    def encode_source_video(self, job):
-        return self.vae.encode_source_video.remote(job)
+    def encode_source_video(self, job: VideoJob) -> Any:
+        return self.vae.encode.remote(messages.source_encode_request(job))
 
-    def denoise(self, job, conditions, media):
-        return self.dit.options(stream=True).denoise.remote(job, conditions, media)
+    def denoise(self, job: ImageJob | VideoJob, conditions: Any, media: Any) -> Any:
+        media = [] if media is None else media if isinstance(media, list) else [media]
+        return self.dit.options(stream=True).denoise.remote(messages.denoise_request(job), conditions, *media)
 
     async def decode(self, latents: Any, job: ImageJob | VideoJob) -> MediaOutput:
-        output = job.output
-        if isinstance(job, VideoJob):
-            output.fps = job.fps
-        return await self.vae.decode.remote(latents, output)
+        return await self.vae.decode.remote(messages.decode_request(job), latents)
 
     async def preview(self, latents: Any) -> bytes:
-        return await self.vae.preview.remote(latents)
+        media = await self.vae.preview.remote(vae_pb2.PreviewRequest(format=common_pb2.IMAGE_FORMAT_PNG), latents)
+        return media.data
 
     async def resolve(self, handle: Any) -> Any:
         return await handle
 
-    def understand(self, job: UnderstandJob):
-        return self.planner.options(stream=True).understand.remote(job)
+    def understand(self, job: UnderstandJob) -> Any:
+        return self.planner.options(stream=True).understand.remote(messages.understand_request(job))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Planner application: the vLLM planner of one model behind a Serve deployment.
 
-Handle methods take the pipeline's jobs; the gRPC methods (``mammoth.v1.Planner``) serve the
-same work to any gRPC client that names this application.
+The pipeline calls the handle methods with ``mammoth.v1.Planner`` request messages and gets
+numpy conditions back; the gRPC methods are the same calls with the tensors put into the
+response message, for any gRPC client that names this application.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from protos import generation_pb2, planner_pb2
 from protos.tensors import tensor_to_proto
 
 from ..handoff import EncodedMedia, ImageConditions, PromptConditions
-from ..jobs import ImageJob, UnderstandJob, VideoJob, image_job, understand_job
+from ..jobs import check_text, new_request_id, understand_job
 from ..local import media_limits
+from ..stage_messages import plan_image_job
 from ..stages.planner import PlannerStage
 from .common import StageMetrics, apply_threads, config_from_args, deployment_options, model_from_args
 from .grpc_util import grpc_abort, timings_proto
@@ -39,43 +41,39 @@ class PlannerDeployment:
     async def __del__(self):
         await self.stage.shutdown()
 
-    # -- pipeline (handle) methods ----------------------------------------------------------
-    async def plan_image(self, job: ImageJob, references: EncodedMedia | None = None) -> ImageConditions:
+    # -- pipeline (handle) methods: the gRPC request messages, tensors beside them ------------
+    async def plan_image(self, request: planner_pb2.PlanImageRequest,
+                         *references: EncodedMedia) -> ImageConditions:
+        """``references``: the VAE's encoded edit inputs (their fitted pixels are shown to the
+        planner); without them, images in ``request.reference_images`` are decoded here."""
         with self.metrics.call("plan_image"):
-            result = await self.stage.plan_image(job, references)
+            job = plan_image_job(request, self.defaults, self.cfg.ingress.limits)
+            fitted = EncodedMedia.merge(references)
+            if fitted is None and job.reference_images:
+                fitted = await self.stage.fit_references(job)
+            result = await self.stage.plan_image(job, fitted)
         self.tokens.inc(result.planned_tokens, tags={"model": self.model})
         return result
 
-    async def encode_prompts(self, job: VideoJob) -> PromptConditions:
+    async def encode_prompts(self, request: planner_pb2.EncodePromptRequest) -> PromptConditions:
         with self.metrics.call("encode_prompts"):
-            return await self.stage.encode_prompts(job)
+            prompt = check_text("prompt", request.prompt, self.cfg.ingress.limits)
+            negative = (check_text("negative_prompt", request.negative_prompt, self.cfg.ingress.limits,
+                                   required=False) if request.HasField("negative_prompt") else None)
+            return await self.stage.encode_prompts(prompt, negative)
 
-    async def understand(self, job: UnderstandJob) -> AsyncIterator[str]:
+    async def understand(self, request: generation_pb2.UnderstandRequest) -> AsyncIterator[str]:
         with self.metrics.call("understand"):
-            async for delta in self.stage.understand(job):
+            async for delta in self.stage.understand(understand_job(request, self.cfg.ingress.limits)):
                 yield delta
 
-    # -- gRPC: mammoth.v1.Planner -----------------------------------------------------------
+    # -- gRPC: mammoth.v1.Planner (the same methods, tensors put in the response) -----------
     async def PlanImage(self, request: planner_pb2.PlanImageRequest, grpc_context=None):  # noqa: N802
         try:
-            edit = bool(request.reference_images)
-            msg = (generation_pb2.EditImageRequest(instruction=request.prompt) if edit
-                   else generation_pb2.GenerateImageRequest(prompt=request.prompt))
-            for name in ("ar_height", "ar_width", "temperature", "top_k", "top_p", "negative_prompt", "cfg_scale"):
-                if request.HasField(name):
-                    target = {"temperature": "ar_temperature", "top_k": "ar_top_k", "top_p": "ar_top_p",
-                              "cfg_scale": "ar_cfg_scale"}.get(name, name)
-                    setattr(msg, target, getattr(request, name))
-            msg.seed = request.seed
-            if edit:
-                msg.reference_images.extend(request.reference_images)
-            job = image_job(msg, self.defaults, self.cfg.ingress.limits, edit=edit)
-            references = await self.stage.fit_references(job) if job.reference_images else None
-            result = await self.plan_image(job, references)
+            result = await self.plan_image(request)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             grpc_abort(grpc_context, exc)
-        response = planner_pb2.PlanImageResponse(request_id=request.request_id or job.request_id,
-                                                 planned_tokens=result.planned_tokens,
+        response = planner_pb2.PlanImageResponse(request_id=request.request_id, planned_tokens=result.planned_tokens,
                                                  timings=timings_proto(result.timings))
         tensor_to_proto(result.text, out=response.text_condition)
         if result.image is not None:
@@ -86,21 +84,23 @@ class PlannerDeployment:
 
     async def EncodePrompt(self, request: planner_pb2.EncodePromptRequest, grpc_context=None):  # noqa: N802
         try:
-            if not request.prompt.strip():
-                raise ValueError("prompt: must not be empty")
-            hidden = await self.stage.engine.encode_prompt(request.prompt)
+            result = await self.encode_prompts(request)
         except Exception as exc:  # noqa: BLE001
             grpc_abort(grpc_context, exc)
-        response = planner_pb2.EncodePromptResponse(request_id=request.request_id, num_tokens=int(hidden.shape[0]))
-        tensor_to_proto(hidden.float().numpy(), out=response.hidden_states)
+        response = planner_pb2.EncodePromptResponse(request_id=request.request_id,
+                                                    num_tokens=int(result.prompt.shape[0]),
+                                                    timings=timings_proto(result.timings))
+        tensor_to_proto(result.prompt, out=response.hidden_states)
+        if result.negative is not None:
+            tensor_to_proto(result.negative, out=response.negative_hidden_states)
         return response
 
     async def Understand(self, request: generation_pb2.UnderstandRequest, grpc_context=None):  # noqa: N802
         try:
-            job = understand_job(request, self.cfg.ingress.limits)
-            async for delta in self.understand(job):
-                yield generation_pb2.UnderstandEvent(request_id=job.request_id, text=delta)
-            yield generation_pb2.UnderstandEvent(request_id=job.request_id, finish_reason="stop")
+            request_id = new_request_id("chat")
+            async for delta in self.understand(request):
+                yield generation_pb2.UnderstandEvent(request_id=request_id, text=delta)
+            yield generation_pb2.UnderstandEvent(request_id=request_id, finish_reason="stop")
         except Exception as exc:  # noqa: BLE001
             grpc_abort(grpc_context, exc)
 

@@ -12,18 +12,9 @@ from protos import common_pb2, vae_pb2
 from protos.tensors import ndarray_from_proto, tensor_to_proto
 
 from ..handoff import EncodedMedia, MediaOutput
-from ..jobs import (
-    IMAGE_FORMATS,
-    MIME,
-    RESIZE_POLICIES,
-    VIDEO_FORMATS,
-    ImageJob,
-    OutputSpec,
-    VideoJob,
-    geometry,
-    new_request_id,
-)
+from ..jobs import IMAGE_FORMATS, MIME, InvalidArgument, check_int
 from ..local import media_limits
+from ..stage_messages import encode_job, output_spec
 from ..stages.vae import VAEStage
 from .common import StageMetrics, apply_threads, config_from_args, deployment_options, model_from_args
 from .grpc_util import grpc_abort, timings_proto
@@ -50,33 +41,40 @@ class VAEDeployment:
                                              media_limits=media_limits(self.cfg), resolve=resolve)
         self.metrics = StageMetrics("vae", self.model)
 
-    # -- pipeline (handle) methods ----------------------------------------------------------
-    async def encode_references(self, job: ImageJob) -> EncodedMedia:
-        with self.metrics.call("encode_references"):
+    # -- pipeline (handle) methods: the gRPC request messages, tensors beside them ------------
+    async def encode(self, request: vae_pb2.EncodeRequest) -> EncodedMedia:
+        """One image or video in: fitted pixels (for the planner) and latents (for the DiT)."""
+        video = self._is_video(request)
+        with self.metrics.call("encode"):
+            job = encode_job(request, self.defaults, self.cfg.ingress.limits, video=video)
+            if video:
+                return await self.stage.encode_source_video(job)
             return await self.stage.encode_references(job)
 
-    async def encode_source_video(self, job: VideoJob) -> EncodedMedia:
-        with self.metrics.call("encode_source_video"):
-            return await self.stage.encode_source_video(job)
-
-    async def decode(self, latents: Any, output: OutputSpec) -> MediaOutput:
+    async def decode(self, request: vae_pb2.DecodeRequest, latents: Any) -> MediaOutput:
+        """``latents``: the DiT's ``[ObjectRef]`` (read here, never by the ingress) or an array."""
         with self.metrics.call("decode"):
-            return await self.stage.decode(latents, output)
+            return await self.stage.decode(latents, output_spec(request, video=self.stage.is_video))
 
-    async def preview(self, latents: np.ndarray) -> bytes:
+    async def preview(self, request: vae_pb2.PreviewRequest, latents: np.ndarray) -> common_pb2.Media:
         with self.metrics.call("preview"):
-            return await self.stage.preview(latents)
+            fmt = IMAGE_FORMATS.get(request.format, "png")
+            quality = check_int("quality", request.quality, 1, 100) if request.HasField("quality") else 90
+            data = await self.stage.preview(latents, fmt, quality, request.max_side)
+        return common_pb2.Media(data=data, mime_type=MIME[fmt])
 
-    # -- gRPC: mammoth.v1.VAE ---------------------------------------------------------------
+    def _is_video(self, request: vae_pb2.EncodeRequest) -> bool:
+        kind = request.kind or (vae_pb2.MEDIA_KIND_VIDEO if request.media.mime_type.startswith("video/")
+                                else vae_pb2.MEDIA_KIND_IMAGE if request.media.mime_type else 0)
+        if kind and (kind == vae_pb2.MEDIA_KIND_VIDEO) != self.stage.is_video:
+            model = "a video" if self.stage.is_video else "an image"
+            raise InvalidArgument("kind", f"this VAE belongs to {model} model")
+        return self.stage.is_video
+
+    # -- gRPC: mammoth.v1.VAE (the same calls, tensors read from / put into the messages) ---
     async def Decode(self, request: vae_pb2.DecodeRequest, grpc_context=None):  # noqa: N802
         try:
-            latents = ndarray_from_proto(request.latents, name="latents")
-            if self.stage.is_video:
-                output = OutputSpec(VIDEO_FORMATS.get(request.video_format, "mp4"), fps=request.fps or 16)
-            else:
-                output = OutputSpec(IMAGE_FORMATS.get(request.image_format, "png"),
-                                    request.quality if request.HasField("quality") else 90)
-            result = await self.decode(latents, output)
+            result = await self.decode(request, ndarray_from_proto(request.latents, name="latents"))
         except Exception as exc:  # noqa: BLE001
             grpc_abort(grpc_context, exc)
         return vae_pb2.DecodeResponse(request_id=request.request_id,
@@ -86,30 +84,7 @@ class VAEDeployment:
 
     async def Encode(self, request: vae_pb2.EncodeRequest, grpc_context=None):  # noqa: N802
         try:
-            limits = self.cfg.ingress.limits
-            has_size = request.HasField("width") and request.HasField("height")
-            policy = RESIZE_POLICIES.get(request.resize_policy, "resize")
-            spatial, multiple = geometry(self.defaults)
-            if self.stage.is_video:
-                frames = request.max_frames or limits.max_frames
-                job = VideoJob(
-                    request_id=new_request_id("encode"), prompt="", negative_prompt="",
-                    width=request.width if has_size else self.defaults.get("width", limits.max_width),
-                    height=request.height if has_size else self.defaults.get("height", limits.max_height),
-                    frames=frames, fps=0, steps=1, seed=0, guidance=1.0, context_guidance=1.0, cfg_range=(0.0, 1.0),
-                    output=OutputSpec("mp4"), source_video=request.media.data, resize_policy=policy,
-                    size_from_source=not has_size, frames_from_source=True, spatial=spatial, multiple=multiple)
-                encoded = await self.encode_source_video(job)
-            else:
-                job = ImageJob(
-                    request_id=new_request_id("encode"), prompt="", negative_prompt=None,
-                    width=request.width if has_size else self.defaults.get("width", 1024),
-                    height=request.height if has_size else self.defaults.get("height", 1024),
-                    steps=1, seed=0, text_guidance=1.0, image_guidance=1.0, cfg_range=(0.0, 1.0), ar_height=1,
-                    ar_width=1, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0, ar_top_p=1.0,
-                    output=OutputSpec("png"), reference_images=[request.media.data], resize_policy=policy,
-                    size_from_reference=not has_size, spatial=spatial, multiple=multiple)
-                encoded = await self.encode_references(job)
+            encoded = await self.encode(request)
         except Exception as exc:  # noqa: BLE001
             grpc_abort(grpc_context, exc)
         response = vae_pb2.EncodeResponse(request_id=request.request_id, width=encoded.width, height=encoded.height,
@@ -120,10 +95,9 @@ class VAEDeployment:
 
     async def Preview(self, request: vae_pb2.PreviewRequest, grpc_context=None):  # noqa: N802
         try:
-            data = await self.preview(ndarray_from_proto(request.latents, name="latents"))
+            return await self.preview(request, ndarray_from_proto(request.latents, name="latents"))
         except Exception as exc:  # noqa: BLE001
             grpc_abort(grpc_context, exc)
-        return common_pb2.Media(data=data, mime_type=MIME["png"])
 
 
 def app(args: dict[str, Any]) -> serve.Application:

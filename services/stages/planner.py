@@ -18,7 +18,7 @@ from vae_worker.media import MediaLimits, decode_image, decode_video, fit_to_gri
 
 from ..config import PlannerEngine as PlannerEngineSettings
 from ..handoff import EncodedMedia, ImageConditions, PromptConditions
-from ..jobs import ImageJob, UnderstandJob, VideoJob
+from ..jobs import ImageJob, UnderstandJob
 
 NEGATIVE_CACHE_SIZE = 64
 
@@ -87,11 +87,15 @@ class PlannerStage:
         return EncodedMedia([], pixels, job.width, job.height)
 
     # -- video family -------------------------------------------------------------------------
-    async def encode_prompts(self, job: VideoJob) -> PromptConditions:
+    async def encode_prompts(self, prompt: str, negative_prompt: str | None) -> PromptConditions:
+        """The prompt's and (``None``: no) negative prompt's last hidden states."""
         start = time.perf_counter()
-        prompt = asyncio.ensure_future(self.engine.encode_prompt(job.prompt))
-        negative = self._cached_prompt(job.negative_prompt)
-        hidden, negative_hidden = await asyncio.gather(prompt, asyncio.shield(negative))
+        if negative_prompt is None:
+            hidden = await self.engine.encode_prompt(prompt)
+            return PromptConditions(_numpy(hidden), None, {"planner": time.perf_counter() - start})
+        encoded = asyncio.ensure_future(self.engine.encode_prompt(prompt))
+        negative = self._cached_prompt(negative_prompt)
+        hidden, negative_hidden = await asyncio.gather(encoded, asyncio.shield(negative))
         return PromptConditions(_numpy(hidden), _numpy(negative_hidden),
                                 {"planner": time.perf_counter() - start})
 

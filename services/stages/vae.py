@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from vae_worker.engine import ImageVAE, VideoVAE
 from vae_worker.media import (
@@ -108,10 +109,15 @@ class VAEStage:
         return MediaOutput(data, MIME[output.format], width, height, frames, output.fps if self.is_video else 0,
                            {"vae_decode": time.perf_counter() - start})
 
-    async def preview(self, latents: np.ndarray) -> bytes:
-        """Cheap PNG preview of intermediate latents (fixed linear map, no VAE pass)."""
+    async def preview(self, latents: np.ndarray, fmt: str = "png", quality: int = 90, max_side: int = 0) -> bytes:
+        """Cheap preview of intermediate latents (fixed linear map, no VAE pass); a video
+        shows its middle frame. ``max_side`` > 0 downscales so the longer side fits."""
         tensor = torch.from_numpy(np.asarray(latents))[None]
         image = await asyncio.to_thread(lambda: self.vae.preview(tensor)[0].numpy())
-        if image.ndim == 4:  # video: preview the middle frame
+        if image.ndim == 4:
             image = image[image.shape[0] // 2]
-        return await asyncio.to_thread(encode_image, image, "png")
+        if max_side > 0 and max(image.shape[:2]) > max_side:
+            pil = Image.fromarray(image)
+            pil.thumbnail((max_side, max_side))
+            image = np.asarray(pil)
+        return await asyncio.to_thread(encode_image, image, fmt, quality)

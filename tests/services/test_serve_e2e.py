@@ -267,8 +267,9 @@ def test_stage_services_answer_grpc_clients_directly(served):
     plan = planner.PlanImage(planner_pb2.PlanImageRequest(prompt="a cat", seed=1, ar_height=2, ar_width=2))
     text = ndarray_from_proto(plan.text_condition, name="text_condition")
     assert plan.planned_tokens == 2 * 3 and text.ndim == 2 and text.shape[1] == 128
-    encoded = planner.EncodePrompt(planner_pb2.EncodePromptRequest(prompt="a cat"))
-    assert encoded.num_tokens > 0
+    encoded = planner.EncodePrompt(planner_pb2.EncodePromptRequest(prompt="a cat", negative_prompt="blurry"))
+    negative = ndarray_from_proto(encoded.negative_hidden_states, name="negative_hidden_states")
+    assert encoded.num_tokens > 0 and negative.shape[0] > 0 and negative.shape[1] == encoded.hidden_states.shape[1]
 
     dit = dit_pb2_grpc.DiTStub(_channel(served, "image-dit"))
     request = dit_pb2.DenoiseRequest(latent_height=8, latent_width=8, steps=2, seed=3, text_guidance=1.0)
@@ -284,6 +285,11 @@ def test_stage_services_answer_grpc_clients_directly(served):
     tensor_to_proto(latents, out=decode.latents)
     image = vae.Decode(decode)
     assert (image.width, image.height) == (64, 64) and _image_size(image.media.data) == (64, 64)
+    again = vae.Encode(vae_pb2.EncodeRequest(media=image.media, width=64, height=64))
+    assert ndarray_from_proto(again.latents, name="latents").shape == (16, 8, 8) and again.width == 64
+    preview = vae.Preview(vae_pb2.PreviewRequest(format=common_pb2.IMAGE_FORMAT_JPEG, max_side=4,
+                                                 latents=events[-1].result.latents))
+    assert preview.mime_type == "image/jpeg" and _image_size(preview.data) == (4, 4)
     with pytest.raises(grpc.RpcError) as info:
         vae.Decode(vae_pb2.DecodeRequest(latents=common_pb2.Tensor(dtype="float32", shape=[16, 8, 8], data=b"x")))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "latents" in info.value.details()

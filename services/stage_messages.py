@@ -1,0 +1,210 @@
+"""Jobs <-> the stage services' request messages (``mammoth.v1.Planner``, ``DiT``, ``VAE``).
+
+The pipeline ingress calls each stage application by handle with the same request message a
+gRPC client of that stage sends, so a stage has one way in. Tensors one stage makes for the
+next are not put inside those messages: they travel beside them as numpy (``handoff``), which
+Ray's object store hands over without a copy, where a message's bytes field would be copied
+at every hop.
+
+``*_request`` builds a stage message from a resolved job (ingress side); ``*_job`` turns a
+stage message back into the job its stage runs, filling what a direct gRPC caller left unset
+from the model's defaults and checking it against the limits (stage side).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protos import common_pb2, dit_pb2, generation_pb2, planner_pb2, vae_pb2
+
+from .config import RequestLimits
+from .jobs import (
+    IMAGE_FORMATS,
+    RESIZE_POLICIES,
+    TEMPORAL_COMPRESSION,
+    VIDEO_FORMATS,
+    ImageJob,
+    OutputSpec,
+    UnderstandJob,
+    VideoJob,
+    check_cfg_range,
+    check_seed,
+    geometry,
+    image_job,
+    new_request_id,
+)
+
+_IMAGE_FORMAT_IDS = {name: number for number, name in IMAGE_FORMATS.items() if number}
+_VIDEO_FORMAT_IDS = {name: number for number, name in VIDEO_FORMATS.items() if number}
+_RESIZE_POLICY_IDS = {name: number for number, name in RESIZE_POLICIES.items() if number}
+# PlanImageRequest field -> the public image request field it sets
+_PLAN_FIELDS = {"ar_height": "ar_height", "ar_width": "ar_width", "temperature": "ar_temperature",
+                "top_k": "ar_top_k", "top_p": "ar_top_p", "negative_prompt": "negative_prompt",
+                "cfg_scale": "ar_cfg_scale"}
+
+
+# ------------------------------------------------------------------------------- planner
+
+
+def plan_image_request(job: ImageJob) -> planner_pb2.PlanImageRequest:
+    """Reference images are not in it: the pipeline passes the VAE's fitted pixels beside it."""
+    request = planner_pb2.PlanImageRequest(
+        request_id=job.request_id, prompt=job.prompt, ar_height=job.ar_height, ar_width=job.ar_width,
+        cfg_scale=job.ar_cfg_scale, seed=job.seed, temperature=job.ar_temperature, top_k=job.ar_top_k,
+        top_p=job.ar_top_p, negative_prompt=job.negative_prompt or "")  # "": none, not the default
+    return request
+
+
+def plan_image_job(request: planner_pb2.PlanImageRequest, defaults: dict[str, Any],
+                   limits: RequestLimits) -> ImageJob:
+    """Checked like the public request it stands for; unset fields take the model's defaults.
+    Reference images in the message (a direct gRPC caller) make it an edit."""
+    edit = bool(request.reference_images)
+    msg: Any = (generation_pb2.EditImageRequest(instruction=request.prompt) if edit
+                else generation_pb2.GenerateImageRequest(prompt=request.prompt))
+    for name, target in _PLAN_FIELDS.items():
+        if request.HasField(name):
+            setattr(msg, target, getattr(request, name))
+    msg.seed = request.seed
+    if edit:
+        msg.reference_images.extend(request.reference_images)
+    job = image_job(msg, defaults, limits, edit=edit)
+    job.request_id = request.request_id or job.request_id
+    return job
+
+
+def encode_prompt_request(job: VideoJob) -> planner_pb2.EncodePromptRequest:
+    return planner_pb2.EncodePromptRequest(request_id=job.request_id, prompt=job.prompt,
+                                           negative_prompt=job.negative_prompt)
+
+
+def understand_request(job: UnderstandJob) -> generation_pb2.UnderstandRequest:
+    request = generation_pb2.UnderstandRequest(max_tokens=job.max_tokens, temperature=job.temperature,
+                                               top_p=job.top_p, stop=job.stop)
+    if job.seed is not None:
+        request.seed = job.seed
+    for message in job.messages:
+        out = request.messages.add(role=message["role"])
+        for part in message["content"]:
+            if part["type"] == "text":
+                out.content.add(text=part["text"])
+            else:
+                getattr(out.content.add(), part["type"]).data = part["data"]
+    return request
+
+
+# ----------------------------------------------------------------------------------- VAE
+
+
+def reference_encode_request(job: ImageJob, index: int, *, sized: bool) -> vae_pb2.EncodeRequest:
+    """Reference ``index`` of an edit; ``sized=False`` lets the image pick the output size."""
+    request = vae_pb2.EncodeRequest(request_id=job.request_id, kind=vae_pb2.MEDIA_KIND_IMAGE,
+                                    media=common_pb2.Media(data=job.reference_images[index]),
+                                    resize_policy=_RESIZE_POLICY_IDS[job.resize_policy])
+    if sized:
+        request.width, request.height = job.width, job.height
+    return request
+
+
+def source_encode_request(job: VideoJob) -> vae_pb2.EncodeRequest:
+    request = vae_pb2.EncodeRequest(request_id=job.request_id, kind=vae_pb2.MEDIA_KIND_VIDEO,
+                                    media=common_pb2.Media(data=job.source_video or b""),
+                                    resize_policy=_RESIZE_POLICY_IDS[job.resize_policy],
+                                    frames=0 if job.frames_from_source else job.frames,
+                                    max_frames=job.frames)
+    if not job.size_from_source:
+        request.width, request.height = job.width, job.height
+    return request
+
+
+def encode_job(request: vae_pb2.EncodeRequest, defaults: dict[str, Any], limits: RequestLimits,
+               *, video: bool) -> ImageJob | VideoJob:
+    """What the VAE stage encodes: one image (as an edit's only reference) or one video."""
+    has_size = request.HasField("width") and request.HasField("height")
+    policy = RESIZE_POLICIES.get(request.resize_policy, "resize")
+    spatial, multiple = geometry(defaults)
+    request_id = request.request_id or new_request_id("encode")
+    if video:
+        frames = request.frames or request.max_frames or limits.max_frames
+        return VideoJob(
+            request_id=request_id, prompt="", negative_prompt="",
+            width=request.width if has_size else defaults.get("width", limits.max_width),
+            height=request.height if has_size else defaults.get("height", limits.max_height),
+            frames=frames, fps=0, steps=1, seed=0, guidance=1.0, context_guidance=1.0, cfg_range=(0.0, 1.0),
+            output=OutputSpec("mp4"), source_video=request.media.data, resize_policy=policy,
+            size_from_source=not has_size, frames_from_source=not request.frames, spatial=spatial,
+            multiple=multiple)
+    return ImageJob(
+        request_id=request_id, prompt="", negative_prompt=None,
+        width=request.width if has_size else defaults.get("width", 1024),
+        height=request.height if has_size else defaults.get("height", 1024),
+        steps=1, seed=0, text_guidance=1.0, image_guidance=1.0, cfg_range=(0.0, 1.0), ar_height=1,
+        ar_width=1, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0, ar_top_p=1.0,
+        output=OutputSpec("png"), reference_images=[request.media.data], resize_policy=policy,
+        size_from_reference=not has_size, spatial=spatial, multiple=multiple)
+
+
+def decode_request(job: ImageJob | VideoJob) -> vae_pb2.DecodeRequest:
+    """Latents are not in it: they come from the DiT by reference."""
+    request = vae_pb2.DecodeRequest(request_id=job.request_id, quality=job.output.quality)
+    if isinstance(job, VideoJob):
+        request.video_format, request.fps = _VIDEO_FORMAT_IDS[job.output.format], job.fps
+    else:
+        request.image_format = _IMAGE_FORMAT_IDS[job.output.format]
+    return request
+
+
+def output_spec(request: vae_pb2.DecodeRequest, *, video: bool) -> OutputSpec:
+    if video:
+        return OutputSpec(VIDEO_FORMATS.get(request.video_format, "mp4"), fps=request.fps or 16)
+    return OutputSpec(IMAGE_FORMATS.get(request.image_format, "png"),
+                      request.quality if request.HasField("quality") else 90)
+
+
+# ----------------------------------------------------------------------------------- DiT
+
+
+def denoise_request(job: ImageJob | VideoJob) -> dit_pb2.DenoiseRequest:
+    """Conditions and encoded media are not in it: they come from the planner and VAE beside it."""
+    request = dit_pb2.DenoiseRequest(
+        request_id=job.request_id, latent_height=job.latent_height, latent_width=job.latent_width,
+        steps=job.steps, sigmas=job.sigmas or [], seed=job.seed, preview=job.preview,
+        cfg_range=common_pb2.CfgRange(start=job.cfg_range[0], end=job.cfg_range[1]))
+    if isinstance(job, VideoJob):
+        request.latent_frames = job.latent_frames
+        request.guidance, request.context_guidance = job.guidance, job.context_guidance
+    else:
+        request.latent_frames = 1
+        request.text_guidance, request.image_guidance = job.text_guidance, job.image_guidance
+    return request
+
+
+def denoise_job(request: dit_pb2.DenoiseRequest, family: str, defaults: dict[str, Any]) -> ImageJob | VideoJob:
+    """The DiT works in latent units: the job's pixel sizes are latent sizes times 8, and its
+    ``spatial`` is 8, so ``job.latent_*`` give back the request's sizes whatever the VAE."""
+    request_id = request.request_id or new_request_id("dit")
+    steps = request.steps or defaults.get("steps", 50)
+    seed = check_seed(request.seed)
+    cfg_range = check_cfg_range(request, (0.0, 1.0))
+    width, height = request.latent_width * 8, request.latent_height * 8
+    job: ImageJob | VideoJob
+    if family == "mammoth2":
+        job = ImageJob(
+            request_id=request_id, prompt="", negative_prompt=None, width=width, height=height, steps=steps,
+            seed=seed, text_guidance=_or(request, "text_guidance", defaults.get("text_guidance", 5.0)),
+            image_guidance=_or(request, "image_guidance", defaults.get("image_guidance", 2.0)),
+            cfg_range=cfg_range, ar_height=0, ar_width=0, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0,
+            ar_top_p=1.0, output=OutputSpec("png"), preview=request.preview)
+    else:
+        job = VideoJob(
+            request_id=request_id, prompt="", negative_prompt="", width=width, height=height,
+            frames=(max(request.latent_frames, 1) - 1) * TEMPORAL_COMPRESSION + 1, fps=16, steps=steps, seed=seed,
+            guidance=_or(request, "guidance", defaults.get("guidance", 5.0)),
+            context_guidance=_or(request, "context_guidance", defaults.get("context_guidance", 1.0)),
+            cfg_range=cfg_range, output=OutputSpec("mp4"), preview=request.preview)
+    job.sigmas = list(request.sigmas) or None
+    return job
+
+
+def _or(request: Any, name: str, default: float) -> float:
+    return getattr(request, name) if request.HasField(name) else default
