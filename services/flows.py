@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .handoff import DenoiseDone, DenoiseStepEvent, MediaOutput
+from .handoff import DenoiseDone, DenoiseStepEvent, MediaGeometry, MediaOutput
 from .jobs import ImageJob, UnderstandJob, VideoJob
 
 
@@ -38,7 +38,8 @@ class Stages(Protocol):
 
     async def preview(self, latents: Any) -> bytes: ...
 
-    async def resolve(self, handle: Any) -> Any: ...
+    async def geometry(self, encoded: Any) -> MediaGeometry:
+        """Size, frames and fps of encoded media, read where it lies (not its tensors)."""
 
     def understand(self, job: UnderstandJob) -> AsyncIterator[str]: ...
 
@@ -136,7 +137,7 @@ async def edit_video(stages: Stages, job: VideoJob) -> AsyncIterator[Event]:
     yield Queued(job.request_id)
     source = stages.encode_source_video(job)
     if job.size_from_source or job.frames_from_source:
-        encoded = await stages.resolve(source)
+        encoded = await stages.geometry(source)
         job.width, job.height, job.frames = encoded.width, encoded.height, encoded.frames
         if job.fps <= 0:
             job.fps = round(encoded.fps) or 16

@@ -35,6 +35,16 @@ class PromptConditions:
 
 
 @dataclass
+class MediaGeometry:
+    """What an orchestrator needs of encoded media to shape the output: a few numbers."""
+
+    width: int
+    height: int
+    frames: int = 1
+    fps: float = 0.0
+
+
+@dataclass
 class EncodedMedia:
     """VAE -> DiT (latents) and -> planner (fitted pixels) for editing."""
 
@@ -45,6 +55,10 @@ class EncodedMedia:
     frames: int = 1
     fps: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def geometry(self) -> MediaGeometry:
+        return MediaGeometry(self.width, self.height, self.frames, self.fps)
 
     @classmethod
     def merge(cls, parts: Sequence[EncodedMedia]) -> EncodedMedia | None:

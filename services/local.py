@@ -15,7 +15,7 @@ from dit_worker.engine import DiTEngineConfig
 from vae_worker.media import MediaLimits
 
 from .config import ServeConfig
-from .handoff import MediaOutput
+from .handoff import MediaGeometry, MediaOutput
 from .jobs import ImageJob, UnderstandJob, VideoJob
 from .model_dir import ModelIndex, init_random, read_index
 from .presets import get_preset
@@ -68,7 +68,7 @@ class LocalStages:
         return asyncio.ensure_future(self._plan(job, references))
 
     async def _plan(self, job: ImageJob, references: Any):
-        return await self.planner.plan_image(job, await self.resolve(references))
+        return await self.planner.plan_image(job, await references if references is not None else None)
 
     def encode_prompts(self, job: VideoJob) -> asyncio.Task:
         return asyncio.ensure_future(self.planner.encode_prompts(job.prompt, job.negative_prompt))
@@ -95,8 +95,8 @@ class LocalStages:
     async def preview(self, latents: Any) -> bytes:
         return await self.vae.preview(latents)
 
-    async def resolve(self, handle: Any) -> Any:
-        return await handle if isinstance(handle, asyncio.Future) else handle
+    async def geometry(self, encoded: asyncio.Future) -> MediaGeometry:
+        return (await encoded).geometry
 
     def understand(self, job: UnderstandJob) -> AsyncIterator[str]:
         return self.planner.understand(job)

@@ -26,7 +26,7 @@ from protos import common_pb2, generation_pb2, vae_pb2
 from .. import flows
 from .. import stage_messages as messages
 from ..errors import Unauthenticated, classify
-from ..handoff import MediaOutput
+from ..handoff import MediaGeometry, MediaOutput
 from ..http_api import (
     ChatBody,
     ImageGenerationBody,
@@ -98,8 +98,8 @@ class RayStages:
         """One VAE call per image, so several replicas can encode them at once."""
         first = self.vae.encode.remote(messages.reference_encode_request(job, 0, sized=not job.size_from_reference))
         if job.size_from_reference:
-            encoded = await first
-            job.width, job.height = encoded.width, encoded.height
+            size = await self.geometry(first)
+            job.width, job.height = size.width, size.height
         rest = [self.vae.encode.remote(messages.reference_encode_request(job, i, sized=True))
                 for i in range(1, len(job.reference_images))]
         return [first, *rest]
@@ -118,8 +118,9 @@ class RayStages:
         media = await self.vae.preview.remote(vae_pb2.PreviewRequest(format=common_pb2.IMAGE_FORMAT_PNG), latents)
         return media.data
 
-    async def resolve(self, handle: Any) -> Any:
-        return await handle
+    async def geometry(self, encoded: Any) -> MediaGeometry:
+        """Asked of the VAE that holds the encoding: the ingress reads a few numbers, not tensors."""
+        return await self.vae.geometry.remote(encoded)
 
     def understand(self, job: UnderstandJob) -> Any:
         return self.planner.options(stream=True).understand.remote(messages.understand_request(job))

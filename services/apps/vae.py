@@ -11,7 +11,7 @@ from ray import serve
 from protos import common_pb2, vae_pb2
 from protos.tensors import ndarray_from_proto, tensor_to_proto
 
-from ..handoff import EncodedMedia, MediaOutput
+from ..handoff import EncodedMedia, MediaGeometry, MediaOutput
 from ..jobs import IMAGE_FORMATS, MIME, InvalidArgument, check_int
 from ..local import media_limits
 from ..stage_messages import encode_job, output_spec
@@ -62,6 +62,10 @@ class VAEDeployment:
             quality = check_int("quality", request.quality, 1, 100) if request.HasField("quality") else 90
             data = await self.stage.preview(latents, fmt, quality, request.max_side)
         return common_pb2.Media(data=data, mime_type=MIME[fmt])
+
+    def geometry(self, encoded: EncodedMedia) -> MediaGeometry:
+        """Size/frames/fps of an ``encode`` result that Ray resolved here, without shipping it."""
+        return encoded.geometry
 
     def _is_video(self, request: vae_pb2.EncodeRequest) -> bool:
         kind = request.kind or (vae_pb2.MEDIA_KIND_VIDEO if request.media.mime_type.startswith("video/")

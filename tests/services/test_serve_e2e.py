@@ -153,8 +153,9 @@ def test_image_preview_events_carry_pngs(grpc_stub):
 
 
 @pytest.mark.parametrize("use_http", [False, True], ids=["grpc", "http"])
-def test_edit_image_takes_the_reference_size(served, use_http):
-    output = _client(served, use_http=use_http).edit_image([_png(96, 64)], "make it blue", seed=3, steps=2)
+def test_edit_image_takes_the_first_reference_size(served, use_http):
+    references = [_png(96, 64), _png(48, 80)]  # the second is fitted to the first one's size
+    output = _client(served, use_http=use_http).edit_image(references, "make it blue", seed=3, steps=2)
     assert _image_size(output.data) == (96, 64)
 
 
