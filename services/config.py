@@ -140,6 +140,9 @@ class DiTEngine(_StageEngine):
 
 class VAEEngine(_StageEngine):
     memory_budget_mb: PositiveInt = 2048  # decode/encode tile so a call stays under this
+    max_batch_decodes: PositiveInt = 4  # concurrent decodes of one latent shape run as one batch
+    # extra wait for company; 0: decodes that arrive while one runs join the next batch
+    batch_wait_timeout_s: NonNegativeFloat = 0.0
 
 
 class PlannerSettings(DeploymentSettings):

@@ -115,5 +115,6 @@ async def start_local_stages(cfg: ServeConfig, name: str) -> LocalStages:
                                   batch_wait_timeout_s=cfg.dit.engine.batch_wait_timeout_s)
     vae = VAEStage.from_model_dir(index.root, index.family, device=cfg.resolved_device("vae"),
                                   dtype=cfg.resolved_dtype("vae"), memory_budget_mb=cfg.vae.engine.memory_budget_mb,
-                                  media_limits=limits)
+                                  media_limits=limits, max_batch_decodes=cfg.vae.engine.max_batch_decodes,
+                                  batch_wait_timeout_s=cfg.vae.engine.batch_wait_timeout_s)
     return LocalStages(index.preset, index.family, planner, dit, vae)

@@ -38,7 +38,9 @@ class VAEDeployment:
         self.stage = VAEStage.from_model_dir(index.root, index.family, device=self.cfg.resolved_device("vae"),
                                              dtype=self.cfg.resolved_dtype("vae"),
                                              memory_budget_mb=engine.memory_budget_mb,
-                                             media_limits=media_limits(self.cfg), resolve=resolve)
+                                             media_limits=media_limits(self.cfg), resolve=resolve,
+                                             max_batch_decodes=engine.max_batch_decodes,
+                                             batch_wait_timeout_s=engine.batch_wait_timeout_s)
         self.metrics = StageMetrics("vae", self.model)
 
     # -- pipeline (handle) methods: the gRPC request messages, tensors beside them ------------
@@ -62,6 +64,11 @@ class VAEDeployment:
             quality = check_int("quality", request.quality, 1, 100) if request.HasField("quality") else 90
             data = await self.stage.preview(latents, fmt, quality, request.max_side)
         return common_pb2.Media(data=data, mime_type=MIME[fmt])
+
+    def stats(self) -> dict[str, int]:
+        """Decode batching of this replica (for tests and debugging)."""
+        return {"decode_batches_run": self.stage.decoder.batches_run,
+                "last_decode_batch_size": self.stage.decoder.last_batch_size}
 
     def geometry(self, encoded: EncodedMedia) -> MediaGeometry:
         """Size/frames/fps of an ``encode`` result that Ray resolved here, without shipping it."""

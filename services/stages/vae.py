@@ -35,24 +35,74 @@ async def _resolve_local(handle: Any) -> Any:
     return await handle if inspect.isawaitable(handle) else handle
 
 
+class DecodeBatcher:
+    """Gathers concurrent decode calls and runs them through ``decode_many`` in one thread hop:
+    latents of the same shape share one VAE forward (the engine groups by shape).
+
+    A caller waits at most ``wait_s`` for company; a cancelled caller's result is dropped.
+    """
+
+    def __init__(self, vae: ImageVAE | VideoVAE, max_batch: int = 4, wait_s: float = 0.0):
+        self.vae = vae
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._pending: list[tuple[torch.Tensor, asyncio.Future]] = []
+        self._worker: asyncio.Task | None = None
+        self.batches_run = 0
+        self.last_batch_size = 0
+
+    async def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """One request's latents ``[C, ...]`` -> uint8 pixels."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((latents[None], future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._pending:
+            if len(self._pending) < self.max_batch and self.wait_s > 0:
+                await asyncio.sleep(self.wait_s)
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            batch = [(x, f) for x, f in batch if not f.done()]
+            if not batch:
+                continue
+            self.batches_run += 1
+            self.last_batch_size = len(batch)
+            try:
+                outputs = await asyncio.to_thread(self.vae.decode_many, [x for x, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), pixels in zip(batch, outputs):
+                if not future.done():
+                    future.set_result(pixels[0].numpy())
+
+
 class VAEStage:
     """One model's VAE (image or video family) plus the media codecs around it."""
 
     def __init__(self, vae: ImageVAE | VideoVAE, media_limits: MediaLimits | None = None,
-                 resolve: Callable[[Any], Any] = _resolve_local):
+                 resolve: Callable[[Any], Any] = _resolve_local, *, max_batch_decodes: int = 4,
+                 batch_wait_timeout_s: float = 0.0):
         self.vae = vae
         self.is_video = isinstance(vae, VideoVAE)
         self.media_limits = media_limits or MediaLimits()
         self.resolve = resolve
+        self.decoder = DecodeBatcher(vae, max_batch_decodes, batch_wait_timeout_s)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, family: str, *, device: str = "cpu", dtype: str = "float32",
                        memory_budget_mb: float = 2048, media_limits: MediaLimits | None = None,
-                       resolve: Callable[[Any], Any] = _resolve_local) -> VAEStage:
+                       resolve: Callable[[Any], Any] = _resolve_local, max_batch_decodes: int = 4,
+                       batch_wait_timeout_s: float = 0.0) -> VAEStage:
         engine_cls = VideoVAE if family == "mammoth25" else ImageVAE
         vae = engine_cls.from_pretrained(model_dir / "vae", device=device, dtype=getattr(torch, dtype),
                                          memory_budget_mb=memory_budget_mb)
-        return cls(vae, media_limits, resolve)
+        return cls(vae, media_limits, resolve, max_batch_decodes=max_batch_decodes,
+                   batch_wait_timeout_s=batch_wait_timeout_s)
 
     # -- media in ----------------------------------------------------------------------------
     async def encode_references(self, job: ImageJob) -> EncodedMedia:
@@ -99,7 +149,8 @@ class VAEStage:
     async def decode(self, latents_handle: Any, output: OutputSpec) -> MediaOutput:
         start = time.perf_counter()
         latents = torch.from_numpy(np.asarray(await self.resolve(latents_handle)))
-        pixels = await asyncio.to_thread(lambda: self.vae.decode(latents[None])[0].numpy())
+        self._check_latents(latents)  # before batching: one bad request must not fail the others
+        pixels = await self.decoder.decode(latents)
         if self.is_video:
             data = await asyncio.to_thread(encode_video, pixels, output.fps or 16, output.format)
             frames, height, width = pixels.shape[0], pixels.shape[1], pixels.shape[2]
@@ -108,6 +159,16 @@ class VAEStage:
             frames, height, width = 1, pixels.shape[0], pixels.shape[1]
         return MediaOutput(data, MIME[output.format], width, height, frames, output.fps if self.is_video else 0,
                            {"vae_decode": time.perf_counter() - start})
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        layout = "[C, f, h, w]" if self.is_video else "[C, h, w]"
+        if latents.ndim != (4 if self.is_video else 3) or latents.shape[0] != self.vae.latent_channels:
+            raise InvalidArgument("latents", f"expected {layout} with C={self.vae.latent_channels}, "
+                                             f"got {tuple(latents.shape)}")
+        if min(latents.shape) == 0:
+            raise InvalidArgument("latents", f"empty shape {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise InvalidArgument("latents", "contains NaN or Inf")
 
     async def preview(self, latents: np.ndarray, fmt: str = "png", quality: int = 90, max_side: int = 0) -> bytes:
         """Cheap preview of intermediate latents (fixed linear map, no VAE pass); a video
