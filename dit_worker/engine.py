@@ -5,8 +5,9 @@ Per request, once: validation, the guidance chain, the model's timestep-independ
 own scheduler. Per step, one forward over every active branch of every active request (CFG
 branches batched, not sequential), then each request combines its branches and steps its own
 scheduler. Requests may have different step counts or schedules; a finished or aborted request
-simply leaves the batch. Noise comes from a per-request CPU generator, so a request gives the
-same output alone or in any batch.
+leaves the batch (and is handed over at once), and a new request of the same latent shape may
+join at any step boundary (continuous batching). Noise comes from a per-request CPU generator,
+so a request gives the same output alone or in any batch.
 """
 
 from __future__ import annotations
@@ -31,10 +32,18 @@ DenoiseRequest = ImageDenoiseRequest | VideoDenoiseRequest
 
 # progress(request_id, step_done (1-based), num_steps, latents) after every step.
 ProgressFn = Callable[[str, int, int, torch.Tensor], None]
+# on_done(result) as soon as a request finishes or is aborted, before the rest of the batch.
+DoneFn = Callable[["DenoiseOutput | RequestAborted"], None]
+# admit(free_slots) at every step boundary: requests of the batch's latent shape that join now.
+AdmitFn = Callable[[int], Sequence["DenoiseRequest"]]
 
 
 class RequestAborted(Exception):
     """Raised for a request whose abort was requested while it was denoising."""
+
+    @property
+    def request_id(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass
@@ -61,6 +70,7 @@ class _Active:
     chain: GuidanceChain
     sampler: FlowMatchSampler
     latents: torch.Tensor
+    branches: list[Any]  # the chain's conditions on the engine's device
     row_offset: int
     started: float = field(default_factory=time.perf_counter)
     forward_rows: int = 0
@@ -128,9 +138,15 @@ class DiTEngine:
         if tokens > self.config.max_latent_tokens:
             raise ValueError(f"size: {tokens} latent positions exceed the limit {self.config.max_latent_tokens}")
 
-    def generate(self, requests: Sequence[DenoiseRequest], progress: ProgressFn | None = None,
-                 ) -> list[DenoiseOutput | RequestAborted]:
-        """Denoise ``requests`` together; aborted ones come back as ``RequestAborted``."""
+    def generate(self, requests: Sequence[DenoiseRequest], progress: ProgressFn | None = None, *,
+                 on_done: DoneFn | None = None, admit: AdmitFn | None = None,
+                 max_requests: int | None = None) -> list[DenoiseOutput | RequestAborted]:
+        """Denoise ``requests`` together; aborted ones come back as ``RequestAborted``.
+
+        Continuous batching: with ``admit``, requests of the same latent shape join at step
+        boundaries (up to ``max_requests`` at once) instead of waiting for the batch to end;
+        ``on_done`` hands each result over the moment it is ready. Returns every result, the
+        joined requests' after the first ones, in admission order."""
         if not requests:
             return []
         for request in requests:
@@ -138,29 +154,54 @@ class DiTEngine:
         shapes = {self.family.latent_shape(r, self.latent_channels) for r in requests}
         if len(shapes) != 1:
             raise ValueError(f"a batch needs one latent shape, got {sorted(shapes)}")
-        active, prepared = self._admit(requests)
+        shape = shapes.pop()
+        capacity = max(max_requests or len(requests), len(requests))
+        admitted = list(requests)
+        active = self._admit(requests)
+        prepared = self._prepare(active)
         results: dict[str, DenoiseOutput | RequestAborted] = {}
         try:
             while active:
+                if admit is not None and len(active) < capacity:
+                    joining = list(admit(capacity - len(active)))
+                    for request in joining:
+                        self.validate(request)
+                        if self.family.latent_shape(request, self.latent_channels) != shape:
+                            raise ValueError(f"a joining request must have the batch's latent shape {shape}")
+                    if joining:
+                        admitted.extend(joining)
+                        active = active + self._admit(joining)
+                        prepared = self._prepare(active)  # timestep-independent: redone only on a join
+                done = len(results)
                 active = self._step(active, prepared, results, progress)
+                if on_done is not None:
+                    for result in list(results.values())[done:]:
+                        on_done(result)
         finally:
             with self._lock:  # an abort that raced with completion must not linger
-                self._aborted.difference_update(r.request_id for r in requests)
-        return [results[r.request_id] for r in requests]
+                self._aborted.difference_update(r.request_id for r in admitted)
+        return [results[r.request_id] for r in admitted]
 
     @torch.inference_mode()
-    def _admit(self, requests: Sequence[DenoiseRequest]) -> tuple[list[_Active], Any]:
-        branches: list[Any] = []
+    def _admit(self, requests: Sequence[DenoiseRequest]) -> list[_Active]:
         active: list[_Active] = []
         for request in requests:
             chain = self.family.chain(request)
             shape = self.family.latent_shape(request, self.latent_channels)
             generator = torch.Generator(device="cpu").manual_seed(request.sampling.seed)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-            active.append(_Active(request, chain, self.family.sampler(request),
-                                  noise.to(self.device, self.dtype), row_offset=len(branches)))
-            branches.extend(self._to_device(b) for b in chain.branches)
-        return active, self.model.prepare(branches)
+            active.append(_Active(request, chain, self.family.sampler(request), noise.to(self.device, self.dtype),
+                                  [self._to_device(b) for b in chain.branches], row_offset=0))
+        return active
+
+    @torch.inference_mode()
+    def _prepare(self, active: list[_Active]) -> Any:
+        """Condition encoders over every branch of ``active``; sets each request's first row."""
+        branches: list[Any] = []
+        for item in active:
+            item.row_offset = len(branches)
+            branches.extend(item.branches)
+        return self.model.prepare(branches)
 
     def _to_device(self, condition: Any) -> Any:
         """Move a condition dataclass's tensors (and lists of tensors) to the engine's device/dtype."""

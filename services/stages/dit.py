@@ -2,8 +2,10 @@
 
 Requests arrive as async calls; a single worker task groups the queued ones that share a
 latent shape (waiting at most ``batch_wait_timeout_s`` for company), runs the engine on them in
-a thread, and streams each request's progress back to its caller. Cancelling a caller aborts
-its request inside the running batch at the next step; the rest of the batch carries on.
+a thread, and streams each request's progress back to its caller. Requests of the running
+batch's shape that queue up meanwhile join it at the next step boundary (continuous batching),
+and each result goes back the moment its request is done, not when the batch ends. Cancelling
+a caller aborts its request inside the running batch at the next step; the rest carries on.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     upstream_timings: dict[str, float] = field(default_factory=dict)  # planner / VAE encode, passed on
     cancelled: bool = False
+    delivered: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -57,6 +60,7 @@ class DiTStage:
         self._worker: asyncio.Task | None = None
         self._deferred: list[_Pending] = []
         self.batches_run = 0
+        self.batches_joined = 0  # step boundaries at which queued requests joined a running batch
         self.last_batch_size = 0
         self.active_requests = 0
 
@@ -155,27 +159,67 @@ class DiTStage:
         return [p for p in batch if not p.cancelled]
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
             if not batch:
                 continue
             self.batches_run += 1
             self.last_batch_size = len(batch)
+            by_id = {p.request.request_id: p for p in batch}
             self.active_requests = len(batch)
-            progress = functools.partial(self._progress, {p.request.request_id: p for p in batch})
+            generate = functools.partial(
+                self.engine.generate, [p.request for p in batch], functools.partial(self._progress, by_id),
+                on_done=functools.partial(loop.call_soon_threadsafe, self._deliver, by_id),
+                admit=functools.partial(self._admit_from_thread, loop, batch[0].shape, by_id),
+                max_requests=self.max_batch_requests)
             try:
-                outputs = await asyncio.to_thread(self.engine.generate, [p.request for p in batch], progress)
-            except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch
-                for pending in batch:
-                    pending.events.put_nowait(exc)
-                continue
+                await asyncio.to_thread(generate)
+            except Exception as exc:  # noqa: BLE001 - delivered to every caller still waiting
+                for pending in by_id.values():
+                    if not pending.delivered:
+                        pending.events.put_nowait(exc)
             finally:
                 self.active_requests = 0
-            for pending, output in zip(batch, outputs):
-                if isinstance(output, RequestAborted):
-                    pending.events.put_nowait(asyncio.CancelledError())
-                    continue
-                pending.events.put_nowait(self._done(output, pending))
+
+    def _deliver(self, by_id: dict[str, _Pending], result: DenoiseOutput | RequestAborted) -> None:
+        """On the loop, as soon as the engine finishes (or aborts) one request of the batch."""
+        pending = by_id[result.request_id]
+        pending.delivered = True
+        self.active_requests = max(0, self.active_requests - 1)
+        if isinstance(result, RequestAborted):
+            pending.events.put_nowait(asyncio.CancelledError())
+        else:
+            pending.events.put_nowait(self._done(result, pending))
+
+    def _admit_from_thread(self, loop: asyncio.AbstractEventLoop, shape: tuple[int, ...],
+                           by_id: dict[str, _Pending], free: int) -> list[Any]:
+        """Runs in the engine thread at each step boundary: queued requests of the running
+        batch's shape join it now rather than after it ends."""
+        future = asyncio.run_coroutine_threadsafe(self._take_joining(shape, free), loop)
+        try:
+            joining = future.result(timeout=5.0)
+        except (TimeoutError, RuntimeError):  # the loop is gone or stuck: carry on without joiners
+            future.cancel()
+            return []
+        for pending in joining:
+            by_id[pending.request.request_id] = pending
+        return [p.request for p in joining]
+
+    async def _take_joining(self, shape: tuple[int, ...], free: int) -> list[_Pending]:
+        joining: list[_Pending] = []
+        keep: list[_Pending] = []
+        for item in self._deferred:
+            (joining if item.shape == shape and len(joining) < free else keep).append(item)
+        self._deferred = keep
+        while len(joining) < free and self._queue is not None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            (joining if item.shape == shape else self._deferred).append(item)
+        joining = [p for p in joining if not p.cancelled]
+        if joining:
+            self.batches_joined += 1
+            self.active_requests += len(joining)
+        return joining
 
     @staticmethod
     def _progress(by_id: dict[str, _Pending], request_id: str, step: int, total: int, latents: torch.Tensor) -> None:

@@ -130,6 +130,37 @@ def _video_request(rid: str, *, seed: int, source: bool, context_guidance: float
         guidance=5.0, context_guidance=context_guidance, sampling=SamplingParams(steps=3, seed=seed))
 
 
+def test_requests_join_a_running_batch_and_leave_it_as_soon_as_done(image_engine):
+    """Continuous batching: b and c join a at step boundaries, every result is handed over the
+    moment it is ready, and each equals the request denoised alone."""
+    a = _image_request("a", text_len=3, seed=1, steps=6)
+    b = _image_request("b", text_len=9, seed=2, steps=2)
+    c = _image_request("c", text_len=5, seed=3, steps=3)
+    queue, events = [[], [b], [], [c]], []
+
+    def admit(free):
+        events.append(("admit", free))
+        return queue.pop(0) if queue else []
+
+    outputs = image_engine.generate([a], lambda rid, step, total, _: events.append((rid, step)),
+                                    on_done=lambda r: events.append(("done", r.request_id)), admit=admit,
+                                    max_requests=2)
+    assert [o.request_id for o in outputs] == ["a", "b", "c"]
+    # b joined before a's 2nd step and left after its own 2nd; c waited for a free slot.
+    assert events.index(("b", 1)) > events.index(("a", 1)) and events.index(("done", "b")) < events.index(("a", 4))
+    assert events.index(("c", 1)) > events.index(("done", "b")) and ("admit", 0) not in events
+    assert events.index(("done", "a")) < events.index(("done", "c"))
+    for request, batched in zip([a, b, c], outputs):
+        torch.testing.assert_close(batched.latents, image_engine.generate([request])[0].latents, atol=2e-5, rtol=1e-4)
+
+
+def test_a_joining_request_of_another_shape_is_refused(image_engine):
+    other = _image_request("big", text_len=3, seed=2)
+    other.latent_height = 16
+    with pytest.raises(ValueError, match="latent shape"):
+        image_engine.generate([_image_request("a", text_len=3, seed=1)], admit=lambda free: [other], max_requests=2)
+
+
 def test_video_t2v_and_editing_batch_together(video_engine):
     requests = [_video_request("t2v", seed=1, source=False),
                 _video_request("edit", seed=2, source=True, context_guidance=1.5)]

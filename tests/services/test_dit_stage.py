@@ -1,0 +1,67 @@
+"""The DiT stage's batching loop: late requests join the running batch and leave it when done."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from dit_worker import presets
+from dit_worker.engine import DiTEngine
+from dit_worker.families import ImageFamily
+from dit_worker.models.transformer_mammoth2 import Mammoth2DiTConfig, Mammoth2Transformer
+from protos import dit_pb2
+from services.handoff import DenoiseDone, ImageConditions
+from services.stage_messages import denoise_job
+from services.stages.dit import DiTStage
+
+
+@pytest.fixture(scope="module")
+def engine() -> DiTEngine:
+    torch.manual_seed(0)
+    model = Mammoth2Transformer(Mammoth2DiTConfig.tiny())
+    presets._perturb(model, seed=1)
+    return DiTEngine(model, ImageFamily())
+
+
+def _job(rid: str, steps: int, seed: int):
+    request = dit_pb2.DenoiseRequest(request_id=rid, latent_height=8, latent_width=8, steps=steps, seed=seed,
+                                     text_guidance=4.0)
+    return denoise_job(request, "mammoth2", {})
+
+
+def _conditions(seed: int) -> ImageConditions:
+    rng = np.random.default_rng(seed)
+    return ImageConditions(rng.standard_normal((5, 128), dtype=np.float32), None,
+                           rng.standard_normal((3, 128), dtype=np.float32), 0)
+
+
+async def _collect(stage: DiTStage, job, conditions, finished: list[str]) -> DenoiseDone:
+    done = None
+    async for event in stage.denoise(job, conditions):
+        done = event
+    finished.append(job.request_id)
+    return done
+
+
+def test_a_late_short_request_joins_and_finishes_first(engine):
+    async def main():
+        stage = DiTStage(engine, max_batch_requests=4, batch_wait_timeout_s=0.0)
+        finished: list[str] = []
+        long = asyncio.ensure_future(_collect(stage, _job("long", 200, 1), _conditions(1), finished))
+        while stage.active_requests == 0:  # the long request is denoising
+            await asyncio.sleep(0.001)
+        short = await _collect(stage, _job("short", 2, 2), _conditions(2), finished)
+        await long
+        solo = DiTStage(engine)
+        alone = await _collect(solo, _job("short", 2, 2), _conditions(2), [])
+        await stage.close()
+        await solo.close()
+        return stage, finished, short, alone
+
+    stage, finished, short, alone = asyncio.run(main())
+    assert finished == ["short", "long"]
+    assert stage.batches_run == 1 and stage.batches_joined == 1  # it joined; no second batch ran
+    np.testing.assert_allclose(short.latents, alone.latents, atol=2e-5, rtol=1e-4)
