@@ -59,6 +59,7 @@ class DiTStage:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self._deferred: list[_Pending] = []
+        self._serial = 0
         self.batches_run = 0
         self.batches_joined = 0  # step boundaries at which queued requests joined a running batch
         self.last_batch_size = 0
@@ -110,6 +111,9 @@ class DiTStage:
             request = self.image_request(job, conditions, media)
         else:
             request = self.video_request(job, conditions, media)
+        # The engine keys requests by id: two callers reusing one id must not share a slot.
+        self._serial += 1
+        request.request_id = f"{job.request_id}#{self._serial}"
         try:
             self.engine.validate(request)
         except ValueError as exc:  # the engine's messages start with the field name

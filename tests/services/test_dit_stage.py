@@ -65,3 +65,15 @@ def test_a_late_short_request_joins_and_finishes_first(engine):
     assert finished == ["short", "long"]
     assert stage.batches_run == 1 and stage.batches_joined == 1  # it joined; no second batch ran
     np.testing.assert_allclose(short.latents, alone.latents, atol=2e-5, rtol=1e-4)
+
+
+def test_two_callers_reusing_one_request_id_get_their_own_results(engine):
+    async def main():
+        stage = DiTStage(engine, max_batch_requests=4)
+        results = await asyncio.gather(_collect(stage, _job("dup", 3, 1), _conditions(1), []),
+                                       _collect(stage, _job("dup", 3, 2), _conditions(2), []))
+        await stage.close()
+        return results
+
+    first, second = asyncio.run(main())
+    assert first.steps == second.steps == 3 and not np.allclose(first.latents, second.latents)
