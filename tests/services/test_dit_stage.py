@@ -6,12 +6,9 @@ import asyncio
 
 import numpy as np
 import pytest
-import torch
 
 from dit_worker import presets
 from dit_worker.engine import DiTEngine
-from dit_worker.families import ImageFamily
-from dit_worker.models.transformer_mammoth2 import Mammoth2DiTConfig, Mammoth2Transformer
 from protos import dit_pb2
 from services.handoff import DenoiseDone, ImageConditions
 from services.stage_messages import denoise_job
@@ -19,11 +16,10 @@ from services.stages.dit import DiTStage
 
 
 @pytest.fixture(scope="module")
-def engine() -> DiTEngine:
-    torch.manual_seed(0)
-    model = Mammoth2Transformer(Mammoth2DiTConfig.tiny())
-    presets._perturb(model, seed=1)
-    return DiTEngine(model, ImageFamily())
+def engine(tmp_path_factory) -> DiTEngine:
+    path = tmp_path_factory.mktemp("dit")
+    presets.write_random_checkpoint("tiny-mammoth2", path, seed=1)
+    return DiTEngine.from_pretrained(path)
 
 
 def _job(rid: str, steps: int, seed: int):
