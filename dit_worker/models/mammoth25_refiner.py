@@ -23,6 +23,7 @@ from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from dit_worker.checkpoint import DataclassConfig
+from dit_worker.models.attention import attention
 
 
 @dataclass
@@ -76,9 +77,8 @@ class RefinerSelfAttention(nn.Module):
         b, s, d = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, s, 3, self.num_heads, -1).unbind(2)
         # fp32 core: the log(n) padding bias must not be rounded to bf16 (prompts are short).
-        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias.float())
-        return self.out_proj(out.transpose(1, 2).reshape(b, s, d).to(x.dtype))
+        out = attention(q.float(), k.float(), v.float(), key_bias.float())
+        return self.out_proj(out.reshape(b, s, d).to(x.dtype))
 
 
 class RefinerLayer(nn.Module):

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
+
+from dit_worker.models.attention import attention
 
 ROPE_THETA = 10000.0
 
@@ -90,12 +93,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------- Attention
 
 
-class Mammoth2Attention(nn.Module):
+class Mammoth2AttnProcessor:
+    """Projections, qk-norm, RoPE, then the DiT attention seam (``models.attention``).
+
+    Like diffusers' processors it carries ``_attention_backend`` (a backend name, None =
+    default) and ``_parallel_config`` (a diffusers ``ParallelConfig`` for Ulysses / ring, None =
+    off); ``models.attention.set_attention_backend`` / ``set_parallel_config`` set them.
+    """
+
+    _attention_backend: str | None = None
+    _parallel_config = None
+
+    def __call__(self, attn: Mammoth2Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 key_mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        dtype = x.dtype
+        q = attn.norm_q(attn.to_q(x).view(b, s, attn.num_heads, attn.head_dim))
+        k = attn.norm_k(attn.to_k(x).view(b, s, attn.num_kv_heads, attn.head_dim))
+        v = attn.to_v(x).view(b, s, attn.num_kv_heads, attn.head_dim)
+        q = apply_rope(q, *rope).to(dtype)
+        k = apply_rope(k, *rope).to(dtype)
+        out = attention(q, k, v, key_mask, backend=self._attention_backend, parallel_config=self._parallel_config)
+        return attn.to_out[0](out.reshape(b, s, attn.num_heads * attn.head_dim).to(dtype))
+
+
+class Mammoth2Attention(nn.Module, AttentionModuleMixin):
     """Self-attention with per-head RMS qk-norm, 3-axis RoPE and grouped KV heads.
 
     Mirrors the parameter layout of diffusers' ``Attention(qk_norm="rms_norm", kv_heads=...)``
     used by the official blocks (``to_out`` is a list whose first entry is the projection).
     """
+
+    _default_processor_cls = Mammoth2AttnProcessor
+    _available_processors = [Mammoth2AttnProcessor]
+    _supports_qkv_fusion = False
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -110,6 +141,7 @@ class Mammoth2Attention(nn.Module):
         self.to_k = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.to_v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(num_heads * self.head_dim, dim, bias=False)])
+        self.processor = Mammoth2AttnProcessor()
 
     def forward(
         self,
@@ -118,23 +150,7 @@ class Mammoth2Attention(nn.Module):
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """``key_mask[B, S]`` (True = real token) hides padding; ``None`` means no padding."""
-        b, s, _ = x.shape
-        dtype = x.dtype
-        q = self.norm_q(self.to_q(x).view(b, s, self.num_heads, self.head_dim))
-        k = self.norm_k(self.to_k(x).view(b, s, self.num_kv_heads, self.head_dim))
-        v = self.to_v(x).view(b, s, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, *rope).to(dtype)
-        k = apply_rope(k, *rope).to(dtype)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim).to(dtype)
-        return self.to_out[0](out)
+        return self.processor(self, x, rope, key_mask)
 
 
 # ------------------------------------------------------------------------------------------- Blocks

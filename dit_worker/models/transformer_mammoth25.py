@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, get_1d_rotary_pos_embed
 from diffusers.models.normalization import FP32LayerNorm
-from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+from diffusers.models.transformers.transformer_wan import WanAttention
 from torch import nn
 
 from dit_worker.checkpoint import DataclassConfig
+from dit_worker.models.attention import attention
 from dit_worker.models.mammoth25_refiner import (
     Mammoth25RefinerConfig,
     Mammoth25RefinerLayerConfig,
@@ -230,6 +231,42 @@ class ByT5Mapper(nn.Module):
         return self.fc3(x)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on interleaved channel pairs; ``cos/sin [.., S, 1, head_dim]`` repeat each
+    angle twice, so the even (cos) / odd (sin) entries are the per-pair values."""
+    pairs = x.unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
+class Mammoth25AttnProcessor:
+    """Self-attention of a ``WanAttention`` (its weights and norms) through the DiT attention
+    seam, so the video DiT shares the image DiT's kernel rules and backend switch.
+
+    ``_attention_backend`` / ``_parallel_config`` as on diffusers' processors (see
+    ``models.attention.set_attention_backend`` / ``set_parallel_config``).
+    """
+
+    _attention_backend: str | None = None
+    _parallel_config = None
+
+    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError("the MammothModa2.5 DiT has self-attention only")
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        out = attention(q, k, v, attention_mask, backend=self._attention_backend,
+                        parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 class Mammoth25Block(nn.Module):
     """Modulated self-attention + modulated MoE FFN (names of the official block)."""
 
@@ -238,7 +275,7 @@ class Mammoth25Block(nn.Module):
         dim, moe = config.inner_dim, config.moe
         self.norm1 = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.attn1 = WanAttention(dim=dim, heads=config.num_attention_heads, dim_head=config.attention_head_dim,
-                                  eps=config.eps, processor=WanAttnProcessor())
+                                  eps=config.eps, processor=Mammoth25AttnProcessor())
         self.ffn = MoELayer(dim, moe.num_moe_experts, moe.moe_router_topk, moe.ffn_hidden_size,
                             num_shared_experts=moe.num_shared_experts,
                             shared_ffn_hidden_size=moe.shared_expert_intermediate_size,
@@ -432,7 +469,7 @@ class Mammoth25Transformer(nn.Module):
         key_mask = valid = None
         if int(lens.min()) < seq:
             mask = torch.arange(seq, device=device) < lens.unsqueeze(1)  # [B, S]
-            key_mask = mask[:, None, None, :]
+            key_mask = mask
             valid = mask.reshape(-1).nonzero().squeeze(1)
         rope = self._row_rope(prepared, grid, device)
         temb, modulation = self.condition_embedder(timestep, dtype)

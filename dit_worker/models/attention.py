@@ -1,0 +1,164 @@
+"""The one attention function of both DiTs, on diffusers' ``dispatch_attention_fn``.
+
+Every DiT self-attention goes through :func:`attention` (layout ``[B, S, heads, head_dim]``,
+diffusers' convention), so the kernel is one config value (``dit.engine.attention_backend``)
+and sequence parallelism is diffusers' own machinery: a processor's ``_parallel_config``
+(``ContextParallelConfig``, Ulysses / ring) is handed to the dispatcher unchanged.
+
+Why the arguments are rewritten before dispatch: PyTorch's fused SDPA kernels on CUDA each
+refuse something. Flash attention refuses any mask; memory-efficient attention refuses
+``enable_gqa``. A padded batch (every CFG batch: the branches' prompts differ in length) with
+grouped KV heads would therefore only qualify for the math kernel, which materialises
+``B x heads x S x S`` scores. The rules here:
+
+* no padding -> no mask, grouped KV heads kept (``enable_gqa``): flash qualifies;
+* padding + a varlen backend (``flash_varlen``, ``sage_varlen``...) -> the boolean key mask
+  ``[B, S]`` goes to the backend, which packs the real tokens of every row (no GQA flag: the
+  kernels take fewer KV heads as they are);
+* padding + any other backend -> KV heads expanded to the query heads and a ``[B, 1, 1, S]``
+  key mask without ``enable_gqa``: memory-efficient attention qualifies. Backends that take no
+  mask at all (``flash``, ``_native_flash``, ``sage``) run padded calls on ``native``.
+
+:func:`plan_attention` makes that decision from shapes alone (no host sync) and
+:func:`sdpa_kernels` states which SDPA kernels a call's actual tensors qualify for, so a CPU
+test and the GPU benchmark can check the rule on real inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+DEFAULT_BACKEND = "native"
+
+# Backends that pack variable-length rows themselves from a boolean ``[B, S]`` key mask.
+VARLEN_BACKENDS = frozenset({"flash_varlen", "flash_varlen_hub", "_flash_varlen_3", "_flash_3_varlen_hub",
+                             "sage_varlen"})
+# Backends that take no mask: padded calls fall back to ``native`` (expanded KV heads + mask).
+MASKLESS_BACKENDS = frozenset({"flash", "flash_hub", "flash_4_hub", "_flash_3", "_flash_3_hub", "_native_flash",
+                               "sage", "sage_hub", "sage_blackwell_hub", "aiter_fa2_hub"})
+# Backends whose dispatch signature has no ``enable_gqa``: they need equal KV heads
+# (flash / sage kernels accept fewer KV heads directly and are not listed).
+NO_GQA_BACKENDS = frozenset({"_native_efficient", "_native_cudnn", "_native_npu", "_native_xla", "xformers",
+                             "flex"})
+
+_BACKENDS: dict[str, AttentionBackendName] = {b.value: b for b in AttentionBackendName}
+BACKEND_NAMES: tuple[str, ...] = tuple(_BACKENDS)
+
+
+def check_backend(name: str) -> str:
+    """``name`` if diffusers knows it, else a ValueError listing the known names."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(sorted(BACKEND_NAMES))}")
+    return name
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What :func:`attention` dispatches for one call."""
+
+    backend: str  # the diffusers backend name that runs
+    mask: str  # "none" | "key_mask_2d" (varlen packing) | "key_mask_4d" | "additive"
+    expand_kv: bool  # KV heads repeated to the query heads before dispatch
+    enable_gqa: bool  # grouped KV heads handed to the kernel
+
+
+def plan_attention(num_heads: int, num_kv_heads: int, key_mask: torch.Tensor | None,
+                   backend: str | None = None) -> AttentionPlan:
+    """The dispatch decision for a call (see the module docstring); shapes and dtypes only."""
+    name = check_backend(backend or DEFAULT_BACKEND)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    grouped = num_heads != num_kv_heads
+    if key_mask is None:
+        no_gqa = name in NO_GQA_BACKENDS
+        return AttentionPlan(name, "none", expand_kv=grouped and no_gqa, enable_gqa=grouped and not no_gqa)
+    if key_mask.dtype == torch.bool and name in VARLEN_BACKENDS:
+        return AttentionPlan(name, "key_mask_2d", expand_kv=False, enable_gqa=False)
+    if name in MASKLESS_BACKENDS or name in VARLEN_BACKENDS:
+        name = DEFAULT_BACKEND
+    mask = "key_mask_4d" if key_mask.dtype == torch.bool else "additive"
+    return AttentionPlan(name, mask, expand_kv=grouped, enable_gqa=False)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None = None,
+              *, backend: str | None = None, parallel_config: Any = None) -> torch.Tensor:
+    """Softmax attention of ``query [B, S, H, D]`` over ``key/value [B, Sk, Hkv, D]``.
+
+    ``key_mask``: ``[B, Sk]`` bool (True = real token) or an additive float bias broadcastable
+    to ``[B, 1, 1, Sk]``; ``None`` when nothing is padded. Returns ``[B, S, H, D]``.
+    ``parallel_config``: a diffusers ``ContextParallelConfig`` (or None), passed through.
+    """
+    plan = plan_attention(query.shape[2], key.shape[2], key_mask, backend)
+    if plan.expand_kv:
+        repeats = query.shape[2] // key.shape[2]
+        key = key.repeat_interleave(repeats, dim=2)
+        value = value.repeat_interleave(repeats, dim=2)
+    mask = key_mask
+    if plan.mask in ("key_mask_4d", "additive") and mask is not None and mask.ndim == 2:
+        mask = mask[:, None, None, :]
+    return dispatch_attention_fn(query, key, value, attn_mask=mask, enable_gqa=plan.enable_gqa,
+                                 backend=_BACKENDS[plan.backend], parallel_config=parallel_config)
+
+
+def _processors(model: torch.nn.Module) -> list[Any]:
+    return [m.processor for m in model.modules()
+            if hasattr(getattr(m, "processor", None), "_parallel_config")]
+
+
+def set_attention_backend(model: torch.nn.Module, backend: str | None) -> int:
+    """Route every DiT attention of ``model`` to ``backend`` (None = default); returns how many
+    processors were set. Mirrors diffusers' ``ModelMixin.set_attention_backend``."""
+    name = None if backend is None else check_backend(backend)
+    processors = _processors(model)
+    for processor in processors:
+        processor._attention_backend = name
+    return len(processors)
+
+
+def set_parallel_config(model: torch.nn.Module, parallel_config: Any) -> int:
+    """Hand a diffusers ``ParallelConfig`` (context parallel: Ulysses / ring) to every DiT
+    attention, as diffusers' ``enable_parallelism`` does; None turns it off."""
+    processors = _processors(model)
+    for processor in processors:
+        processor._parallel_config = parallel_config
+    return len(processors)
+
+
+# ------------------------------------------------------------------------- kernel eligibility
+
+
+def sdpa_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                 enable_gqa: bool) -> list[str]:
+    """SDPA kernels a CUDA call with these tensors (``[B, H, S, D]``, SDPA's layout) qualifies for.
+
+    On CUDA this asks PyTorch itself (``can_use_flash_attention`` / ``can_use_efficient_attention``);
+    elsewhere it applies the same published constraints the CUDA checks enforce: flash takes no
+    mask and half precision only; memory-efficient takes masks but not ``enable_gqa``; both need
+    a head dim that is a multiple of 8 (4 for fp32 memory-efficient) and equal q/k/v dtypes.
+    ``"math"`` always qualifies and is listed last.
+    """
+    kernels: list[str] = []
+    if query.is_cuda:
+        from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+
+        params = SDPAParams(query, key, value, attn_mask, 0.0, False, enable_gqa)
+        if can_use_flash_attention(params, False):
+            kernels.append("flash")
+        if can_use_efficient_attention(params, False):
+            kernels.append("efficient")
+        return [*kernels, "math"]
+    head_dim = query.shape[-1]
+    same_dtype = query.dtype == key.dtype == value.dtype
+    heads_ok = query.shape[1] == key.shape[1] or (enable_gqa and query.shape[1] % key.shape[1] == 0)
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    if same_dtype and heads_ok and attn_mask is None and half and head_dim % 8 == 0 and head_dim <= 256:
+        kernels.append("flash")
+    align = 8 if half else 4
+    if (same_dtype and not enable_gqa and query.shape[1] == key.shape[1] and head_dim % align == 0
+            and query.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        kernels.append("efficient")
+    return [*kernels, "math"]
