@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from mammoth_common.cpu import engine_dtype
+
 from .checkpoint import CONFIG_NAME, CheckpointError, load_state_into
 from .families import Family, config_class_for, family_for
 from .guidance import GuidanceChain, combine
@@ -82,7 +84,7 @@ class DiTEngine:
     def __init__(self, model: torch.nn.Module, family: Family, config: DiTEngineConfig | None = None):
         self.config = config or DiTEngineConfig()
         self.device = torch.device(self.config.device)
-        self.dtype = getattr(torch, self.config.dtype)
+        self.dtype = getattr(torch, engine_dtype(self.config.dtype, self.config.device, "DiTEngineConfig.dtype"))
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.family = family
         self.latent_channels = int(model.config.in_channels)
@@ -102,7 +104,8 @@ class DiTEngine:
         family = family_for(model_config, directory)
         with torch.device("meta"):
             model = family.model_cls(model_config)
-        load_state_into(model, directory, device=config.device, dtype=getattr(torch, config.dtype))
+        load_state_into(model, directory, device=config.device,
+                        dtype=getattr(torch, engine_dtype(config.dtype, config.device, "DiTEngineConfig.dtype")))
         return cls(model.eval(), family, config)
 
     # -- control ---------------------------------------------------------------------------

@@ -6,7 +6,10 @@ sections reject unknown keys, and every error names its field (``dit.autoscaling
 ...``), because a typo in a deployment file must fail at load time, not silently fall back.
 
 Stage engines leave ``device``/``dtype`` unset to follow the top-level ``device``; the
-resolved values are what ``resolved_device()`` / ``resolved_dtype()`` return.
+resolved values are what ``resolved_device()`` / ``resolved_dtype()`` return. A CPU stage
+asking for a dtype this CPU cannot multiply natively (bf16 on AVX2: ~100x slower than float32)
+is refused when the stage starts, naming the field and the CPU (``cpu_dtype_policy: warn`` only
+logs it); ``mammoth_common.cpu`` decides.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from pydantic import (
     model_validator,
 )
 
+from mammoth_common.cpu import is_refused, resolve_dtype, slow_dtype_problem, warn_if_slow
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 Device = Literal["cpu", "gpu"]
 EngineDevice = Literal["cpu", "cuda"]
 DType = Literal["float32", "bfloat16", "float16"]
+EngineDType = Literal["float32", "bfloat16", "float16", "auto"]  # auto: bf16 where the device runs it natively
 MiB = 1024 * 1024
 DEFAULT_PRESET = "tiny-mammoth2"
 # The embedded default serves one model of each family so every task works out of the box.
@@ -114,7 +120,7 @@ class DeploymentSettings(_Section):
 
 class _StageEngine(_Section):
     device: EngineDevice | None = None  # None: cuda when device is gpu, else cpu
-    dtype: DType | None = None  # None: bfloat16 on cuda, float32 on cpu
+    dtype: EngineDType | None = None  # None: bfloat16 on cuda, float32 on cpu; auto: bf16 on cpu only if native
     cpu_threads: PositiveInt | None = None  # OMP/torch threads per replica; None: library default
 
 
@@ -268,6 +274,8 @@ class ServeConfig(_Section):
     metrics: bool = True  # request/stage metrics from the deployments (Ray's Prometheus export)
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"
     env_vars: dict[str, str] = Field(default_factory=dict)  # for every application
+    # A CPU stage dtype without native matmuls on the replica's CPU: refuse to start, or warn and run
+    cpu_dtype_policy: Literal["refuse", "warn"] = "refuse"
 
     @model_validator(mode="after")
     def _devices(self) -> Self:
@@ -301,10 +309,16 @@ class ServeConfig(_Section):
         return "cuda" if self.device == "gpu" else "cpu"
 
     def resolved_dtype(self, stage: str) -> DType:
+        """The stage's dtype, checked against the CPU of the process asking (the replica's, at start)."""
         engine: _StageEngine = getattr(self, stage).engine
-        if engine.dtype is not None:
-            return engine.dtype
-        return "bfloat16" if self.resolved_device(stage) == "cuda" else "float32"
+        device = self.resolved_device(stage)
+        dtype = resolve_dtype(engine.dtype, device)
+        field = f"{stage}.engine.dtype"
+        if self.cpu_dtype_policy == "refuse" and is_refused(dtype, device):
+            raise ConfigError(f"{field}: {slow_dtype_problem(dtype, device)}; use float32, auto or leave it unset "
+                              "(or set cpu_dtype_policy: warn to run it anyway)")
+        warn_if_slow(dtype, device, field)
+        return dtype  # type: ignore[return-value]
 
     # -- construction
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mammoth_common.cpu import warn_if_slow
 from vae_worker import memory
 from vae_worker.loading import load_vae
 from vae_worker.preview import apply_linear_map, fit_linear_map
@@ -68,6 +69,7 @@ class _VAEEngine:
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> None:
+        warn_if_slow(dtype, device, f"{type(self).__name__} dtype")
         model = model.to(device=device)
         if any(p.dtype != dtype for p in model.parameters()):
             model = model.to(dtype=dtype)
