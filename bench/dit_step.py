@@ -3,7 +3,9 @@
 The step is the engine's real per-step forward: a CFG pair (conditional + unconditional rows)
 through ``Mammoth2Transformer.forward`` with everything timestep-independent prepared once.
 FLOPs are counted by torch's ``FlopCounterMode`` on that very forward; the GEMM rate is measured
-in the same run, same dtype, on a matmul of the model's own FFN shape. Prints JSON last.
+in the same run, same dtype, on a matmul of the model's own FFN shape. Dtypes this CPU does not
+multiply natively (bf16 on AVX2: ~100x slower than float32) are skipped with a note under
+``skipped`` unless ``--allow-slow``; ``cpu_capability`` records the CPU. Prints JSON last.
 
     python -m bench.dit_step --json
 """
@@ -24,6 +26,7 @@ from dit_worker.models.transformer_mammoth2 import (
     Mammoth2ImageEmbedderConfig,
     Mammoth2Transformer,
 )
+from mammoth_common.cpu import report_fields, split_native
 
 
 def mid_config(width: int, layers: int) -> Mammoth2DiTConfig:
@@ -83,33 +86,48 @@ def measure(dtype: torch.dtype, width: int, layers: int, image_px: int, repeats:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--image-px", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="dtypes without native matmuls on this CPU are skipped")
+    parser.add_argument("--allow-slow", action="store_true", help="run the dtypes this CPU lacks anyway")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run (JSON) and exit")
+    args = parser.parse_args(argv)
     if args.width < 1024:
         parser.error("--width: the benchmark is defined for mid-size configs (>= 1024)")
-    runs = [measure(dtype, args.width, args.layers, args.image_px, args.repeats)
-            for dtype in (torch.float32, torch.bfloat16)]
+    dtypes, skipped = split_native([d.strip() for d in args.dtypes.split(",")], allow_slow=args.allow_slow)
+    if not dtypes:
+        parser.error(f"--dtypes: nothing left to run on this CPU ({skipped}); pass --allow-slow to run them anyway")
+    config = {"width": args.width, "layers": args.layers, "image_px": args.image_px, "cfg_rows": 2,
+              "threads": torch.get_num_threads()}
+    if args.dry_run:
+        plan = {"bench": "dit_step", "config": config, "dtypes": dtypes, **report_fields(skipped, measure=False),
+                "dry_run": True}
+        print(json.dumps(plan))
+        return plan
+    runs = [measure(getattr(torch, dtype), args.width, args.layers, args.image_px, args.repeats)
+            for dtype in dtypes]
     best = max(runs, key=lambda r: r["step_gflops_per_s"])
     result = {
         "bench": "dit_step",
-        "config": {"width": args.width, "layers": args.layers, "image_px": args.image_px, "cfg_rows": 2,
-                   "threads": torch.get_num_threads()},
+        "config": config,
         "runs": runs,
         "dtype": best["dtype"],
         "fraction_of_gemm": best["fraction_of_gemm"],
         "target_fraction_of_gemm": 0.5,
+        **report_fields(skipped),
     }
     if not args.json:
         for run in runs:
             print(f"{run['dtype']:9s} step {run['step_ms']} ms  {run['step_gflops_per_s']} GFLOP/s  "
                   f"GEMM {run['gemm_gflops_per_s']} GFLOP/s  fraction {run['fraction_of_gemm']}")
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ its two expert paths forced (``padded_bmm``, ``ragged_grouped_mm``), a dense GEL
 dtype's figures are under ``results``). Timings are interleaved within a dtype so machine load
 hits them alike; ratios use process-CPU-time medians (wall medians are reported too) because
 the box is shared.
+
+Dtypes this CPU does not multiply natively are skipped (``skipped`` names why, e.g. bf16 on AVX2,
+where it is ~100x slower than float32; ``--allow-slow`` runs them anyway), and the forced paths
+and the loop reference get at most ``--extra-budget-s`` of repetitions, so the defaults finish
+in minutes on any CPU. ``cpu_capability`` records the CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_worker.models.moe import MoELayer, choose_capacity
+from mammoth_common.cpu import report_fields, split_native
 
 
 def reference_loop(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
@@ -55,14 +61,19 @@ def balance_router(layer: MoELayer, calibration: torch.Tensor, steps: int, rate:
         router.expert_bias += rate * torch.sign(load.mean() - load)
 
 
-def _time(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, dict[str, list[float]]]:
-    """Interleaved wall and process-CPU times per function (after one warm-up call each).
+def _time(fns: dict[str, Callable[[], object]], reps: int,
+          budget_s: float | None = None) -> tuple[dict[str, dict[str, list[float]]], int]:
+    """Interleaved wall and process-CPU times per function (after one warm-up call each), and
+    the repetitions run: with ``budget_s``, as many as the warm-up round says fit (at least 1).
 
     CPU time is the headline: on a shared box, time spent descheduled inflates wall time of
     whichever function it hits, while CPU time only counts the work done (threads spinning at
     a barrier still count, so it is not perfectly immune either)."""
+    start = time.perf_counter()
     for fn in fns.values():  # warm-up (allocator, oneDNN primitive caches)
         fn()
+    if budget_s is not None:
+        reps = max(1, min(reps, int(budget_s / max(time.perf_counter() - start, 1e-9))))
     times = {"wall": {name: [] for name in fns}, "cpu": {name: [] for name in fns}}
     for _ in range(reps):
         for name, fn in fns.items():
@@ -70,12 +81,12 @@ def _time(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, dict[str
             fn()
             times["cpu"][name].append(time.process_time() - cpu)
             times["wall"][name].append(time.perf_counter() - wall)
-    return times
+    return times, reps
 
 
 def run(width: int, experts: int, top_k: int, ffn: int, shared: int, shared_ffn: int, tokens: int,
         dtype: torch.dtype, reps: int, extra_reps: int, paths: bool = False, balance_steps: int = 0,
-        seed: int = 0) -> dict:
+        seed: int = 0, extra_budget_s: float | None = None) -> dict:
     torch.manual_seed(seed)
     layer = MoELayer(width, experts, top_k, ffn, num_shared_experts=shared,
                      shared_ffn_hidden_size=shared_ffn).to(dtype).eval()
@@ -109,8 +120,8 @@ def run(width: int, experts: int, top_k: int, ffn: int, shared: int, shared_ffn:
         max_diff = float((ref - got).abs().max())
         counts = layer.last_expert_counts.float()
         capacity = choose_capacity(layer.last_expert_counts.tolist(), *layer.ragged_costs(dtype))
-        times = _time(core, reps)
-        extra_times = _time(extra, extra_reps)
+        times, _ = _time(core, reps)
+        extra_times, extra_reps = _time(extra, extra_reps, extra_budget_s)
     for timer in times:
         times[timer].update(extra_times[timer])
     med = {t: {name: statistics.median(v) for name, v in times[t].items()} for t in times}
@@ -132,7 +143,7 @@ def run(width: int, experts: int, top_k: int, ffn: int, shared: int, shared_ffn:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=1536)
     parser.add_argument("--experts", type=int, default=32)
@@ -141,7 +152,12 @@ def main() -> None:
     parser.add_argument("--shared", type=int, default=0)
     parser.add_argument("--shared-ffn", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--dtypes", default="bfloat16,float32",
+                        help="in order, the first is the headline; dtypes without native matmuls here are skipped")
+    parser.add_argument("--allow-slow", action="store_true", help="run the dtypes this CPU lacks anyway")
+    parser.add_argument("--extra-budget-s", type=float, default=60.0,
+                        help="seconds per dtype for the extra repetitions (the loop reference is slow)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run (JSON) and exit")
     parser.add_argument("--reps", type=int, default=4, help="grouped vs dense, interleaved")
     parser.add_argument("--extra-reps", type=int, default=2, help="forced paths and the loop reference")
     parser.add_argument("--balance-steps", type=int, default=100,
@@ -149,27 +165,37 @@ def main() -> None:
     parser.add_argument("--paths", action="store_true", help="also time both expert paths forced")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--json", action="store_true", help="only the JSON line")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = {"width": args.width, "experts": args.experts, "top_k": args.top_k, "expert_ffn": args.ffn,
               "shared": args.shared, "shared_ffn": args.shared_ffn if args.shared else 0,
               "dense_hidden": args.top_k * args.ffn + args.shared * args.shared_ffn,
               "tokens": args.tokens, "balance_steps": args.balance_steps, "threads": torch.get_num_threads(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+              "extra_budget_s": args.extra_budget_s}
+    dtypes, skipped = split_native([d.strip() for d in args.dtypes.split(",")], allow_slow=args.allow_slow)
+    if not dtypes:
+        parser.error(f"--dtypes: nothing left to run on this CPU ({skipped}); pass --allow-slow to run them anyway")
+    if args.dry_run:
+        plan = {"benchmark": "moe_layer", "config": config, "dtypes": dtypes,
+                **report_fields(skipped, measure=False), "dry_run": True}
+        print(json.dumps(plan))
+        return plan
     results = []
-    for name in args.dtypes.split(","):
+    for name in dtypes:
         result = run(args.width, args.experts, args.top_k, args.ffn, args.shared, args.shared_ffn,
-                     args.tokens, getattr(torch, name.strip()), args.reps, args.extra_reps, args.paths,
-                     args.balance_steps)
+                     args.tokens, getattr(torch, name), args.reps, args.extra_reps, args.paths,
+                     args.balance_steps, extra_budget_s=args.extra_budget_s)
         results.append(result)
         if not args.json:
             print(json.dumps(result, indent=2))
     first = results[0]
-    print(json.dumps({"benchmark": "moe_layer", "config": config, "results": results,
-                      "ratio_moe_over_dense": first["ratio_moe_over_dense"],
-                      "ratio_reference_over_grouped": first["ratio_reference_over_grouped"],
-                      "dtype": first["dtype"], "timer": "process_cpu_median"}))
+    summary = {"benchmark": "moe_layer", "config": config, "results": results,
+               "ratio_moe_over_dense": first["ratio_moe_over_dense"],
+               "ratio_reference_over_grouped": first["ratio_reference_over_grouped"],
+               "dtype": first["dtype"], "timer": "process_cpu_median", **report_fields(skipped)}
+    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

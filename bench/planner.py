@@ -7,7 +7,8 @@ same weights: the official loop (full 184.8k-wide logits every step, KV cache gr
 concatenation, one request after another). Optionally (``--full-logits``) a second engine with
 the grid-restricted logits switched off (``MAMMOTH_PLANNER_FULL_LOGITS=1``) shows what skipping the
 text head saves. Random-weight tiny preset by default: absolute figures are for the tiny model,
-the ratios are what carries over. Prints JSON last.
+the ratios are what carries over. Both sides run float32 (native on every CPU; bf16 is ~100x
+slower than float32 on AVX2); ``cpu_capability`` records the CPU. Prints JSON last.
 
     python -m bench.planner --json
 """
@@ -89,7 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grid", type=int, default=8, help="ar_height = ar_width (official: 32)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--full-logits", action="store_true", help="also run an engine without grid-restricted logits")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run (JSON) and exit")
     args = parser.parse_args(argv)
+    from mammoth_common.cpu import report_fields
+
+    if args.dry_run:
+        plan = {"bench": "planner", "dtypes": ["float32"], **report_fields(measure=False), "dry_run": True}
+        print(json.dumps(plan))
+        return plan
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     import torch
 
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         "export_cost_batch8_ratio": round(vllm["batch8_tok_s"] / vllm["batch8_no_export_tok_s"], 3),
         "note": "reference = official-style loop (full logits, one request after another); "
                 "export ratio = tok/s with export / without (1.0 = free)",
+        "dtype": "float32",
+        **report_fields(),
     }
     if full:
         result["grid_logits_gain_batch1"] = round(vllm["batch1_no_export_tok_s"] / full["batch1_no_export_tok_s"], 3)

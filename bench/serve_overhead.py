@@ -6,7 +6,8 @@ Three paths, interleaved request by request so machine noise hits them alike:
   HTTP        the Ray Serve HTTP proxy -> the same ingress.
 Also the per-hop cost of a 32 MB tensor between Serve replicas, sent the way the pipeline
 sends tensors (numpy through the object store) and, for contrast, as a pickled torch tensor.
-Prints JSON on the last line.
+Stages run the config's CPU defaults (float32, native on every CPU); ``cpu_capability`` records
+the CPU. Prints JSON on the last line.
 
     python -m bench.serve_overhead --json
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mammoth_common.cpu import report_fields
 from protos import generation_pb2
 
 TENSOR_BYTES = 32 * 1024 * 1024
@@ -89,12 +91,24 @@ def _hop_costs(repeats: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def _stage_dtypes(cfg: Any) -> dict[str, str]:
+    return {stage: cfg.resolved_dtype(stage) for stage in ("planner", "dit", "vae")}
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true", help="print what would run (JSON) and exit")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        from services.config import ServeConfig
+
+        plan = {"bench": "serve_overhead", "stage_dtypes": _stage_dtypes(ServeConfig()),
+                **report_fields(measure=False), "dry_run": True}
+        print(json.dumps(plan))
+        return plan
 
     from services.client import MammothClient
     from services.config import ServeConfig
@@ -144,10 +158,13 @@ def main() -> None:
         "target_ratio": 1.10,
         **hops,
         "target_hop_32mb_ms": 30,
+        "stage_dtypes": _stage_dtypes(cfg),
+        **report_fields(),
     }
     if not args.json:
         print(f"in-process {medians['in_process']:.3f}s  gRPC {medians['grpc']:.3f}s  HTTP {medians['http']:.3f}s")
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

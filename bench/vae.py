@@ -5,7 +5,8 @@ engine, records RSS, decodes once to warm up, times ``--repeats`` decodes, and r
 ``ru_maxrss`` (peak) and the peak minus the RSS after loading (the decode's own working set).
 Tiled runs get half the untiled decode's estimated memory as their budget, so the planner picks
 the tile it would pick in service (``vae_worker.memory``). Random-weight tiny presets by default: absolute figures are for the tiny VAEs,
-the ratios are what carries over. Prints JSON last.
+the ratios are what carries over. The VAEs run in float32 (exact, native on every CPU);
+``cpu_capability`` records the CPU. Prints JSON last.
 
     python -m bench.vae --json
 """
@@ -22,6 +23,8 @@ import tempfile
 import time
 
 import torch
+
+from mammoth_common.cpu import report_fields
 
 
 def _rss_mb() -> float:
@@ -90,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--dry-run", action="store_true", help="print what would run (JSON) and exit")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    if args.dry_run:
+        print(json.dumps({"bench": "vae", "dtypes": ["float32"], **report_fields(measure=False), "dry_run": True}))
         return 0
 
     from vae_worker.memory import wan_bytes
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         "image_preset": args.image_preset,
         "video_decode": video,
         "image_decode": {"size": args.image_size, **image},
+        "dtype": "float32",
+        **report_fields(),
     }
     print(json.dumps(summary))
     return 0
