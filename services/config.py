@@ -192,6 +192,16 @@ class RequestLimits(_Section):
     request_timeout_s: PositiveFloat = 600.0
 
 
+class VideoJobSettings(_Section):
+    """``/v1/videos`` jobs: one store shared by every ingress replica (a detached Ray actor)."""
+
+    max_jobs: PositiveInt = 256  # jobs held (queued, running, finished); create beyond: 429
+    max_running: PositiveInt = 16  # jobs queued or running at once; create beyond: 429
+    max_bytes: PositiveInt = 1024 * MiB  # finished videos held; a job that would pass it fails
+    result_ttl_s: PositiveFloat = 3600.0  # a finished job (and its video) is dropped after this
+    store_name: str = Field("mammoth-video-jobs", pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # the actor's name
+
+
 class IngressSettings(DeploymentSettings):
     max_ongoing_requests: PositiveInt = 32  # the ingress only awaits the stages
     max_queued_requests: Annotated[int, Field(ge=-1)] = 256
@@ -206,6 +216,9 @@ class IngressSettings(DeploymentSettings):
     grpc_reflection: bool = True
     expose_stages: bool = False  # also route gRPC/HTTP to the stage apps (callers then pick the app)
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    video_jobs: VideoJobSettings = Field(default_factory=VideoJobSettings)
+    stage_retries: NonNegativeInt = 1  # a DiT/VAE (or not yet streaming planner) call whose replica died
+    health_timeout_s: PositiveFloat = 5.0  # gRPC health / readiness: how long a stage may take to answer
 
     @model_validator(mode="after")
     def _ingress(self) -> Self:

@@ -37,6 +37,8 @@ def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True)
     if not ray.is_initialized():
         # Replicas import torch at once; keep each of them to its share of a small machine.
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        # The Serve gRPC proxy refuses bigger messages before reading them whole (its default is 2 GiB).
+        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cfg.ingress.limits.max_request_bytes))
         ray.init(address=address, namespace="mammoth", include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True)
     grpc = rendered["grpc_options"]

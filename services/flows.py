@@ -9,10 +9,11 @@ used; ``services.local`` and ``services.apps.pipeline`` provide the two implemen
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .errors import is_unavailable
 from .handoff import DenoiseDone, DenoiseStepEvent, MediaGeometry, MediaOutput
 from .jobs import ImageJob, UnderstandJob, VideoJob
 
@@ -80,73 +81,129 @@ class Result:
     steps: int
     planned_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    retries: int = 0  # stage calls issued again because a replica died
 
 
 Event = Queued | Planning | Step | Decoding | Result
 
 
-async def _denoise_and_decode(stages: Stages, job: ImageJob | VideoJob, conditions: Any, media: Any,
-                              planned_tokens: int, started: float) -> AsyncIterator[Event]:
+Start = Callable[[], Awaitable[tuple[Any, Any]]]
+
+
+async def _denoise_and_decode(stages: Stages, job: ImageJob | VideoJob, start: Start, planned_tokens: int,
+                              started: float, retries: int) -> AsyncIterator[Event]:
+    """``start()`` issues the planner/VAE-encode calls and returns (conditions, media).
+
+    A stage that dies (``errors.is_unavailable``) is retried up to ``retries`` times in all: a
+    DiT that dies before its first step may have been fed by a dead planner or encoder, so
+    everything is issued again (nothing has reached the client but ``Queued``/``Planning``);
+    after that only the DiT runs again, on the inputs still in the object store; a dead VAE
+    decode is issued again on the same latents.
+    """
+    attempts = 0
+    conditions = media = None
     done: DenoiseDone | None = None
-    async for event in stages.denoise(job, conditions, media):
-        if isinstance(event, DenoiseStepEvent):
-            preview = None
-            if job.preview and event.preview_latents is not None:
-                preview = await stages.preview(event.preview_latents)
-            yield Step(job.request_id, event.step, event.total, preview)
-        else:
-            done = event
-    if done is None:
-        raise RuntimeError("the DiT stage ended without a result")
+    stepped = planning = False
+    while done is None:
+        try:
+            if conditions is None:
+                conditions, media = await start()
+                if not planning:
+                    planning = True
+                    yield Planning(job.request_id, planned_tokens)
+            async for event in stages.denoise(job, conditions, media):
+                if isinstance(event, DenoiseStepEvent):
+                    stepped = True
+                    preview = None
+                    if job.preview and event.preview_latents is not None:
+                        preview = await stages.preview(event.preview_latents)
+                    yield Step(job.request_id, event.step, event.total, preview)
+                else:
+                    done = event
+            if done is None:
+                raise RuntimeError("the DiT stage ended without a result")
+        except Exception as exc:
+            if attempts >= retries or not is_unavailable(exc):
+                raise
+            attempts += 1
+            if not stepped:
+                conditions = media = None
     yield Decoding(job.request_id)
-    output = await stages.decode(done.latents, job)
+    while True:
+        try:
+            output = await stages.decode(done.latents, job)
+            break
+        except Exception as exc:
+            if attempts >= retries or not is_unavailable(exc):
+                raise
+            attempts += 1
     timings = {**done.timings, **output.timings, "total": time.perf_counter() - started}
-    yield Result(job.request_id, output, job.seed, stages.model_name, done.steps, planned_tokens, timings)
+    yield Result(job.request_id, output, job.seed, stages.model_name, done.steps, planned_tokens, timings,
+                 retries=attempts)
 
 
-async def text_to_image(stages: Stages, job: ImageJob) -> AsyncIterator[Event]:
+async def text_to_image(stages: Stages, job: ImageJob, *, retries: int = 0) -> AsyncIterator[Event]:
     started = time.perf_counter()
     yield Queued(job.request_id)
-    conditions = stages.plan_image(job, None)
-    yield Planning(job.request_id, job.planned_tokens)
-    async for event in _denoise_and_decode(stages, job, conditions, None, job.planned_tokens, started):
+
+    async def start() -> tuple[Any, Any]:
+        return stages.plan_image(job, None), None
+
+    async for event in _denoise_and_decode(stages, job, start, job.planned_tokens, started, retries):
         yield event
 
 
-async def edit_image(stages: Stages, job: ImageJob) -> AsyncIterator[Event]:
+async def edit_image(stages: Stages, job: ImageJob, *, retries: int = 0) -> AsyncIterator[Event]:
     started = time.perf_counter()
     yield Queued(job.request_id)
-    references = await stages.encode_references(job)
-    conditions = stages.plan_image(job, references)
-    yield Planning(job.request_id, job.planned_tokens)
-    async for event in _denoise_and_decode(stages, job, conditions, references, job.planned_tokens, started):
+
+    async def start() -> tuple[Any, Any]:
+        references = await stages.encode_references(job)
+        return stages.plan_image(job, references), references
+
+    async for event in _denoise_and_decode(stages, job, start, job.planned_tokens, started, retries):
         yield event
 
 
-async def text_to_video(stages: Stages, job: VideoJob) -> AsyncIterator[Event]:
+async def text_to_video(stages: Stages, job: VideoJob, *, retries: int = 0) -> AsyncIterator[Event]:
     started = time.perf_counter()
     yield Queued(job.request_id)
-    conditions = stages.encode_prompts(job)
-    yield Planning(job.request_id, 0)
-    async for event in _denoise_and_decode(stages, job, conditions, None, 0, started):
+
+    async def start() -> tuple[Any, Any]:
+        return stages.encode_prompts(job), None
+
+    async for event in _denoise_and_decode(stages, job, start, 0, started, retries):
         yield event
 
 
-async def edit_video(stages: Stages, job: VideoJob) -> AsyncIterator[Event]:
+async def edit_video(stages: Stages, job: VideoJob, *, retries: int = 0) -> AsyncIterator[Event]:
     started = time.perf_counter()
     yield Queued(job.request_id)
-    source = stages.encode_source_video(job)
-    if job.size_from_source or job.frames_from_source:
-        encoded = await stages.geometry(source)
-        job.width, job.height, job.frames = encoded.width, encoded.height, encoded.frames
-        if job.fps <= 0:
-            job.fps = round(encoded.fps) or 16
-    conditions = stages.encode_prompts(job)
-    yield Planning(job.request_id, 0)
-    async for event in _denoise_and_decode(stages, job, conditions, source, 0, started):
+
+    async def start() -> tuple[Any, Any]:
+        source = stages.encode_source_video(job)
+        if job.size_from_source or job.frames_from_source:
+            encoded = await stages.geometry(source)
+            job.width, job.height, job.frames = encoded.width, encoded.height, encoded.frames
+            if job.fps <= 0:
+                job.fps = round(encoded.fps) or 16
+        return stages.encode_prompts(job), source
+
+    async for event in _denoise_and_decode(stages, job, start, 0, started, retries):
         yield event
 
 
-async def understand(stages: Stages, job: UnderstandJob) -> AsyncIterator[str]:
-    async for delta in stages.understand(job):
-        yield delta
+async def understand(stages: Stages, job: UnderstandJob, *, retries: int = 0) -> AsyncIterator[str]:
+    """The planner is issued again only while nothing has been streamed to the client."""
+    attempts = 0
+    while True:
+        sent = False
+        try:
+            async for delta in stages.understand(job):
+                sent = True
+                yield delta
+            return
+        except Exception as exc:
+            if sent or attempts >= retries or not is_unavailable(exc):
+                raise
+            attempts += 1

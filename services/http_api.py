@@ -10,12 +10,15 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 
 from protos import common_pb2, generation_pb2
 
+from .errors import RequestTooLarge, Unauthenticated
 from .flows import Decoding, Planning, Queued, Result, Step
 from .jobs import InvalidArgument
 
@@ -111,14 +114,21 @@ def parse_body(model: type[BaseModel], data: Any) -> Any:
         raise InvalidArgument(field, first["msg"]) from None
 
 
-def decode_b64(field: str, value: str) -> bytes:
-    """Base64 or a ``data:...;base64,`` URL; remote URLs are refused (the server fetches nothing)."""
+def decode_b64(field: str, value: str, max_bytes: int | None = None) -> bytes:
+    """Base64 or a ``data:...;base64,`` URL; remote URLs are refused (the server fetches nothing).
+
+    ``max_bytes`` bounds the decoded size and is checked from the text's length, before any
+    byte is decoded."""
+    if not isinstance(value, str):
+        raise InvalidArgument(field, "must be a base64 string or a data: URL")
     if value.startswith(("http://", "https://")):
         raise InvalidArgument(field, "remote URLs are not fetched; send base64 or a data: URL")
     if value.startswith("data:"):
         header, _, value = value.partition(",")
         if ";base64" not in header:
             raise InvalidArgument(field, "data: URL must be base64-encoded")
+    if max_bytes is not None and (len(value) // 4) * 3 > max_bytes + 2:
+        raise InvalidArgument(field, f"about {(len(value) // 4) * 3} bytes exceed the limit {max_bytes}")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -145,10 +155,11 @@ def _set_common(msg: Any, body: Any, *, image: bool) -> None:
         setattr(msg, "text_guidance" if image else "guidance", body.guidance_scale)
 
 
-def image_request(body: ImageGenerationBody, *, edit: bool, files: list[bytes] = ()) -> Any:
+def image_request(body: ImageGenerationBody, *, edit: bool, files: list[bytes] = (),
+                  max_image_bytes: int | None = None) -> Any:
     if edit:
         msg = generation_pb2.EditImageRequest(instruction=body.prompt)
-        images = list(files) + [decode_b64(f"images[{i}]", v) for i, v in enumerate(body.images)]
+        images = list(files) + [decode_b64(f"images[{i}]", v, max_image_bytes) for i, v in enumerate(body.images)]
         msg.reference_images.extend(common_pb2.Media(data=data) for data in images)
         if body.image_guidance_scale is not None:
             msg.image_guidance = body.image_guidance_scale
@@ -169,9 +180,9 @@ def image_request(body: ImageGenerationBody, *, edit: bool, files: list[bytes] =
     return msg
 
 
-def video_request(body: VideoBody, source: bytes | None = None) -> Any:
+def video_request(body: VideoBody, source: bytes | None = None, max_video_bytes: int | None = None) -> Any:
     if body.video is not None:
-        source = decode_b64("video", body.video)
+        source = decode_b64("video", body.video, max_video_bytes)
     if source is not None:
         msg = generation_pb2.EditVideoRequest(instruction=body.prompt, source_video=common_pb2.Media(data=source))
         if body.context_guidance_scale is not None:
@@ -191,7 +202,8 @@ def video_request(body: VideoBody, source: bytes | None = None) -> Any:
     return msg
 
 
-def chat_request(body: ChatBody) -> generation_pb2.UnderstandRequest:
+def chat_request(body: ChatBody, max_image_bytes: int | None = None,
+                 max_video_bytes: int | None = None) -> generation_pb2.UnderstandRequest:
     msg = generation_pb2.UnderstandRequest()
     for i, message in enumerate(body.messages):
         if not isinstance(message, dict):
@@ -211,7 +223,7 @@ def chat_request(body: ChatBody) -> generation_pb2.UnderstandRequest:
             elif kind in ("image_url", "video_url"):
                 url = part.get(kind, {})
                 url = url.get("url", "") if isinstance(url, dict) else str(url)
-                data = decode_b64(f"{name}.{kind}", url)
+                data = decode_b64(f"{name}.{kind}", url, max_image_bytes if kind == "image_url" else max_video_bytes)
                 media = common_pb2.Media(data=data)
                 out.content.add(image=media) if kind == "image_url" else out.content.add(video=media)
             else:
@@ -254,10 +266,69 @@ def result_json(result: Result) -> dict[str, Any]:
         "data": [{"b64_json": base64.b64encode(media.data).decode(), "mime_type": media.mime_type}],
         "width": media.width, "height": media.height, "frames": media.frames, "fps": media.fps,
         "seed": result.seed, "model": result.model, "steps": result.steps,
-        "planned_tokens": result.planned_tokens, "timings": result.timings,
+        "planned_tokens": result.planned_tokens, "timings": result.timings, "retries": result.retries,
     }
 
 
 def sse(payload: dict[str, Any] | str, event: str | None = None) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
+
+
+# ------------------------------------------------------------------------------ ASGI guards
+
+
+async def _send_json(send: Any, status: int, message: str, kind: str, param: str | None) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "param": param}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequireKey:
+    """ASGI middleware: every path but ``open_paths`` (probes) needs a key, the API docs too.
+
+    ``check(headers)`` raises ``Unauthenticated``; the request body is never read for it."""
+
+    def __init__(self, app: Any, check: Callable[[Headers], None], open_paths: Collection[str] = ()):
+        self.app, self.check, self.open_paths = app, check, frozenset(open_paths)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path", "") not in self.open_paths:
+            try:
+                self.check(Headers(scope=scope))
+            except Unauthenticated as exc:
+                await _send_json(send, 401, str(exc), "authentication_error", None)
+                return
+        await self.app(scope, receive, send)
+
+
+class LimitedBody:
+    """ASGI middleware: a body over ``max_bytes`` is refused from its Content-Length at once, or
+    while it is being read (``RequestTooLarge``, a 413), never after being read whole."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            message = (f"body: request exceeds the limit of {self.max_bytes} bytes" if length.isdigit()
+                       else "body: invalid Content-Length")
+            await _send_json(send, 413 if length.isdigit() else 400, message, "invalid_request_error", "body")
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise RequestTooLarge("body", self.max_bytes)
+            return message
+
+        await self.app(scope, limited, send)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ VIDEO_FORMATS = {1: "mp4", 2: "gif", 0: "mp4"}
 RESIZE_POLICIES = {0: "resize", 1: "resize", 2: "center_crop", 3: "pad"}
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4", "gif": "image/gif"}
 TEMPORAL_COMPRESSION = 4  # video VAE: frames = 4k + 1
+_ALLOWED_CONTROL = frozenset("\t\n\r")  # the only control characters a prompt may carry
 
 
 def geometry(defaults: dict[str, Any]) -> tuple[int, int]:
@@ -167,6 +169,9 @@ def check_text(name: str, value: str, limits: RequestLimits, *, required: bool =
         raise InvalidArgument(name, f"{len(value)} characters exceed the limit {limits.max_prompt_chars}")
     if "\x00" in value:
         raise InvalidArgument(name, "contains a NUL character")
+    bad = next((c for c in value if c not in _ALLOWED_CONTROL and unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:
+        raise InvalidArgument(name, f"contains the control character U+{ord(bad):04X}")
     return value
 
 
@@ -228,7 +233,7 @@ def _enum(name: str, value: int, table: dict[int, str]) -> str:
     return table[value]
 
 
-def _check_media(name: str, data: bytes, limit: int) -> bytes:
+def check_media(name: str, data: bytes, limit: int) -> bytes:
     if not data:
         raise InvalidArgument(name, "is empty")
     if len(data) > limit:
@@ -252,7 +257,7 @@ def image_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         if len(msg.reference_images) > limits.max_reference_images:
             raise InvalidArgument("reference_images",
                                   f"{len(msg.reference_images)} images exceed the limit {limits.max_reference_images}")
-        references = [_check_media(f"reference_images[{i}]", m.data, limits.max_image_bytes)
+        references = [check_media(f"reference_images[{i}]", m.data, limits.max_image_bytes)
                       for i, m in enumerate(msg.reference_images)]
     width, height = _opt(msg, "width"), _opt(msg, "height")
     if (width is None) != (height is None):
@@ -298,7 +303,7 @@ def video_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
     if edit:
         if not msg.HasField("source_video"):
             raise InvalidArgument("source_video", "required")
-        source = _check_media("source_video", msg.source_video.data, limits.max_video_bytes)
+        source = check_media("source_video", msg.source_video.data, limits.max_video_bytes)
     width, height = _opt(msg, "width"), _opt(msg, "height")
     if (width is None) != (height is None):
         raise InvalidArgument("width" if width is None else "height", "set both width and height, or neither")
@@ -364,7 +369,7 @@ def understand_job(msg: Any, limits: RequestLimits) -> UnderstandJob:
                 media += 1
                 if media > limits.max_reference_images:
                     raise InvalidArgument(name, f"more than {limits.max_reference_images} media items")
-                parts.append({"type": kind, "data": _check_media(f"{name}.{kind}", getattr(part, kind).data, limit)})
+                parts.append({"type": kind, "data": check_media(f"{name}.{kind}", getattr(part, kind).data, limit)})
             else:
                 raise InvalidArgument(name, "empty content part")
         if not parts:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .config import DeploymentSettings, ServeConfig
+from .config import DeploymentSettings, IngressSettings, ServeConfig
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,9 @@ def deployment_config(name: str, section: DeploymentSettings) -> dict[str, Any]:
     out["max_ongoing_requests"] = section.max_ongoing_requests
     out["max_queued_requests"] = section.max_queued_requests
     out["ray_actor_options"] = _actor_options(section)
+    if isinstance(section, IngressSettings):
+        # the proxy's own rejection when the ingress queue is full: 429 as the API promises, not 503
+        out["backpressure_config"] = {"status_code": 429, "retry_after_s": 1}
     return out
 
 

@@ -24,15 +24,25 @@ from .jobs import (
     TEMPORAL_COMPRESSION,
     VIDEO_FORMATS,
     ImageJob,
+    InvalidArgument,
     OutputSpec,
     UnderstandJob,
     VideoJob,
     check_cfg_range,
+    check_float,
+    check_int,
+    check_media,
     check_seed,
+    check_size,
     geometry,
     image_job,
     new_request_id,
 )
+
+MAX_REQUEST_ID_CHARS = 128
+# What the DiT engine itself accepts (dit_worker.sampling: 1..200 steps), for callers without a config
+_ENGINE_LIMITS = RequestLimits(max_steps=200, max_width=1 << 15, max_height=1 << 15, max_frames=1 << 12,
+                               max_guidance=1e4)
 
 _IMAGE_FORMAT_IDS = {name: number for number, name in IMAGE_FORMATS.items() if number}
 _VIDEO_FORMAT_IDS = {name: number for number, name in VIDEO_FORMATS.items() if number}
@@ -121,10 +131,20 @@ def encode_job(request: vae_pb2.EncodeRequest, defaults: dict[str, Any], limits:
                *, video: bool) -> ImageJob | VideoJob:
     """What the VAE stage encodes: one image (as an edit's only reference) or one video."""
     has_size = request.HasField("width") and request.HasField("height")
-    policy = RESIZE_POLICIES.get(request.resize_policy, "resize")
+    if request.HasField("width") != request.HasField("height"):
+        raise InvalidArgument("width" if not request.HasField("width") else "height", "set both width and height, or neither")
+    if request.resize_policy not in RESIZE_POLICIES:
+        raise InvalidArgument("resize_policy", f"unknown value {request.resize_policy}")
+    policy = RESIZE_POLICIES[request.resize_policy]
     spatial, multiple = geometry(defaults)
-    request_id = request.request_id or new_request_id("encode")
+    if has_size:
+        check_size("width", request.width, limits.max_width, multiple)
+        check_size("height", request.height, limits.max_height, multiple)
+    check_media("media", request.media.data, limits.max_video_bytes if video else limits.max_image_bytes)
+    request_id = check_request_id(request.request_id) or new_request_id("encode")
     if video:
+        check_int("frames", request.frames, 0, limits.max_frames)
+        check_int("max_frames", request.max_frames, 0, limits.max_frames)
         frames = request.frames or request.max_frames or limits.max_frames
         return VideoJob(
             request_id=request_id, prompt="", negative_prompt="",
@@ -154,11 +174,27 @@ def decode_request(job: ImageJob | VideoJob) -> vae_pb2.DecodeRequest:
     return request
 
 
-def output_spec(request: vae_pb2.DecodeRequest, *, video: bool) -> OutputSpec:
+def output_spec(request: vae_pb2.DecodeRequest, *, video: bool, limits: RequestLimits | None = None) -> OutputSpec:
+    limits = limits or RequestLimits()
+    check_request_id(request.request_id)
+    quality = check_int("quality", request.quality, 1, 100) if request.HasField("quality") else 90
     if video:
-        return OutputSpec(VIDEO_FORMATS.get(request.video_format, "mp4"), fps=request.fps or 16)
-    return OutputSpec(IMAGE_FORMATS.get(request.image_format, "png"),
-                      request.quality if request.HasField("quality") else 90)
+        fps = check_int("fps", request.fps, 0, limits.max_fps)
+        return OutputSpec(_known("video_format", request.video_format, VIDEO_FORMATS), fps=fps or 16)
+    return OutputSpec(_known("image_format", request.image_format, IMAGE_FORMATS), quality)
+
+
+def _known(name: str, value: int, table: dict[int, str]) -> str:
+    if value not in table:
+        raise InvalidArgument(name, f"unknown value {value}")
+    return table[value]
+
+
+def check_request_id(request_id: str) -> str:
+    """A caller-chosen id ends up in logs and responses: short and printable, or refused."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+        raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+    return request_id
 
 
 # ----------------------------------------------------------------------------------- DiT
@@ -179,11 +215,36 @@ def denoise_request(job: ImageJob | VideoJob) -> dit_pb2.DenoiseRequest:
     return request
 
 
-def denoise_job(request: dit_pb2.DenoiseRequest, family: str, defaults: dict[str, Any]) -> ImageJob | VideoJob:
+def denoise_job(request: dit_pb2.DenoiseRequest, family: str, defaults: dict[str, Any],
+                limits: RequestLimits | None = None, *, max_latent_tokens: int | None = None) -> ImageJob | VideoJob:
     """The DiT works in latent units: the job's pixel sizes are latent sizes times 8, and its
-    ``spatial`` is 8, so ``job.latent_*`` give back the request's sizes whatever the VAE."""
-    request_id = request.request_id or new_request_id("dit")
-    steps = request.steps or defaults.get("steps", 50)
+    ``spatial`` is 8, so ``job.latent_*`` give back the request's sizes whatever the VAE.
+
+    Checked against ``limits`` (the served config's) like a public request: latent sizes within
+    the pixel limits, steps, guidance, frames. Without ``limits`` (in-process callers) only the
+    engine's own bounds apply (``_ENGINE_LIMITS``)."""
+    limits = limits or _ENGINE_LIMITS
+    request_id = check_request_id(request.request_id) or new_request_id("dit")
+    spatial, _ = geometry(defaults)
+    patch = int(defaults.get("patch_size", 2))
+    for name, value, limit in (("latent_height", request.latent_height, limits.max_height),
+                               ("latent_width", request.latent_width, limits.max_width)):
+        check_int(name, value, patch, max(limit // spatial, patch))
+        if value % patch:
+            raise InvalidArgument(name, f"must be a multiple of the patch size {patch}, got {value}")
+    max_latent_frames = (limits.max_frames - 1) // TEMPORAL_COMPRESSION + 1
+    check_int("latent_frames", request.latent_frames, 0, 1 if family == "mammoth2" else max_latent_frames)
+    tokens = request.latent_height * request.latent_width * max(request.latent_frames, 1) // (patch * patch)
+    if max_latent_tokens is not None and tokens > max_latent_tokens:
+        raise InvalidArgument("latent_height", f"{tokens} latent tokens exceed the limit {max_latent_tokens}")
+    steps = check_int("steps", request.steps or defaults.get("steps", 50), 1, limits.max_steps)
+    if len(request.sigmas) > limits.max_steps:
+        raise InvalidArgument("sigmas", f"{len(request.sigmas)} values exceed the limit {limits.max_steps}")
+    for i, sigma in enumerate(request.sigmas):
+        check_float(f"sigmas[{i}]", sigma, 0.0, 1.0)
+    for name in ("text_guidance", "image_guidance", "guidance", "context_guidance"):
+        if request.HasField(name):
+            check_float(name, getattr(request, name), 0.0, limits.max_guidance)
     seed = check_seed(request.seed)
     cfg_range = check_cfg_range(request, (0.0, 1.0))
     width, height = request.latent_width * 8, request.latent_height * 8

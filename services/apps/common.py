@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import time
 from contextlib import contextmanager
@@ -9,7 +11,8 @@ from typing import Any
 
 from ray.serve import metrics
 
-from ..config import ServeConfig
+from ..config import IngressSettings, ServeConfig
+from ..errors import Unauthenticated
 from ..local import ensure_model
 from ..model_dir import ModelIndex
 from ..render import deployment_config, stage_env_vars
@@ -30,12 +33,77 @@ def deployment_options(cfg: ServeConfig, stage: str) -> dict[str, Any]:
     """``Deployment.options(...)`` from the config, so ``serve.run(app(args))`` scales and queues
     exactly like the rendered Serve config says (which repeats the same values)."""
     section = cfg.ingress if stage == "mammoth" else getattr(cfg, stage)
-    options = deployment_config("", section)
+    options = deployment_config("", section, shutdown_grace_s=cfg.shutdown_grace_s)
     options.pop("name")
     env = stage_env_vars(cfg, stage)
     if env:
         options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     return options
+
+
+class ApiKeys:
+    """The API keys every application checks (ingress and stage services alike).
+
+    Keys are compared as SHA-256 digests with ``hmac.compare_digest``: constant time whatever
+    the key's length, and any string (non-ASCII too) compares instead of raising. With
+    ``auth_enabled`` and no key anywhere the replica refuses to start: a server that was told to
+    check keys must never run open because an environment variable did not reach it.
+    """
+
+    def __init__(self, keys: list[str], *, enabled: bool):
+        if enabled and not keys:
+            raise RuntimeError("ingress.auth_enabled is true but no API key is configured: set ingress.api_keys "
+                               "or the ingress.api_keys_env variable on every replica (refusing to run open)")
+        self.enabled = enabled
+        self._digests = [_digest(k) for k in keys]
+
+    @classmethod
+    def from_settings(cls, ingress: IngressSettings, environ: dict[str, str] | None = None) -> ApiKeys:
+        environ = os.environ if environ is None else environ
+        keys = list(ingress.api_keys)
+        if ingress.api_keys_env and environ.get(ingress.api_keys_env):
+            keys += [k.strip() for k in environ[ingress.api_keys_env].split(",") if k.strip()]
+        return cls(keys, enabled=ingress.auth_enabled)
+
+    def check(self, key: str | None) -> None:
+        if not self.enabled:
+            return
+        digest = _digest(key or "")
+        # every digest is compared (no early exit), so timing tells nothing about which key matched
+        matched = [hmac.compare_digest(digest, d) for d in self._digests]
+        if not key or not any(matched):
+            raise Unauthenticated("missing or invalid API key")
+
+    def check_grpc(self, grpc_context: Any) -> None:
+        self.check(grpc_key(grpc_context))
+
+    def check_headers(self, headers: Any) -> None:
+        """``headers``: a case-insensitive mapping (Starlette ``Headers``)."""
+        self.check(_bearer(headers.get("authorization")) or headers.get("x-api-key"))
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def _bearer(value: str | None) -> str | None:
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def grpc_key(grpc_context: Any) -> str | None:
+    """``authorization: Bearer <key>`` or ``x-api-key`` from a call's metadata."""
+    if grpc_context is None:
+        return None
+    for key, value in grpc_context.invocation_metadata() or ():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if key == "authorization" and _bearer(value):
+            return _bearer(value)
+        if key == "x-api-key":
+            return value.strip()
+    return None
 
 
 def apply_threads(cpu_threads: int | None) -> None:

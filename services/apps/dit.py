@@ -22,8 +22,15 @@ from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditio
 from ..local import dit_engine_config
 from ..stage_messages import denoise_job
 from ..stages.dit import DiTStage
-from .common import StageMetrics, apply_threads, config_from_args, deployment_options, model_from_args
-from .grpc_util import grpc_abort, timings_proto
+from .common import (
+    ApiKeys,
+    StageMetrics,
+    apply_threads,
+    config_from_args,
+    deployment_options,
+    model_from_args,
+)
+from .grpc_util import stage_grpc_abort, timings_proto
 
 
 class PublishedLatents:
@@ -60,6 +67,7 @@ class DiTDeployment:
         self.family = index.family
         self.defaults = index.defaults
         apply_threads(self.cfg.dit.engine.cpu_threads)
+        self.auth = ApiKeys.from_settings(self.cfg.ingress)  # its gRPC service, with expose_stages
         self.stage = DiTStage.from_model_dir(index.root, dit_engine_config(self.cfg),
                                              batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s,
                                              publish=PublishedLatents(self.cfg.ingress.limits.request_timeout_s,
@@ -78,7 +86,8 @@ class DiTDeployment:
                       *media: EncodedMedia) -> AsyncIterator[DenoiseStepEvent | DenoiseDone]:
         """Handle method: a ``DenoiseRequest`` without tensors, the planner's conditions and the
         VAE's encoded edit inputs beside it (Ray resolves them; none of it passes the ingress)."""
-        job = denoise_job(request, self.family, self.defaults)
+        job = denoise_job(request, self.family, self.defaults, self.cfg.ingress.limits,
+                          max_latent_tokens=self.cfg.dit.engine.max_latent_tokens)
         tags = {"model": self.model}
         with self.metrics.call("denoise"):
             last = time.perf_counter()
@@ -108,6 +117,7 @@ class DiTDeployment:
     # -- gRPC: mammoth.v1.DiT (the same call, tensors read from / put into the messages) ----
     async def Denoise(self, request: dit_pb2.DenoiseRequest, grpc_context=None):  # noqa: N802
         try:
+            self.auth.check_grpc(grpc_context)
             conditions, media = self._tensors(request)
             async for event in self.denoise(request, conditions, *media):
                 out = dit_pb2.DenoiseEvent(request_id=request.request_id)
@@ -121,7 +131,7 @@ class DiTDeployment:
                     out.result.timings.CopyFrom(timings_proto(event.timings))
                 yield out
         except Exception as exc:  # noqa: BLE001
-            grpc_abort(grpc_context, exc)
+            stage_grpc_abort(grpc_context, exc, request.request_id)
 
     def _tensors(self, request: dit_pb2.DenoiseRequest) -> tuple[Any, list[EncodedMedia]]:
         negative = _numpy(tensor_field(request, "negative_condition"))

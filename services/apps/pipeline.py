@@ -6,14 +6,11 @@ tensor: each stage's DeploymentResponse goes straight into the next stage's call
 
 
 import asyncio
-import os
-import secrets
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,14 +19,17 @@ from ray import serve
 from starlette.responses import Response as StarletteResponse
 
 from protos import common_pb2, generation_pb2, vae_pb2
+from protos.server_extras import SERVICE_NAMES
 
 from .. import flows
 from .. import stage_messages as messages
-from ..errors import Unauthenticated, classify
+from ..errors import RequestTooLarge, classify, root_cause
 from ..handoff import MediaGeometry, MediaOutput
 from ..http_api import (
     ChatBody,
     ImageGenerationBody,
+    LimitedBody,
+    RequireKey,
     VideoBody,
     chat_request,
     event_json,
@@ -44,10 +44,9 @@ from ..http_api import (
 from ..jobs import ImageJob, InvalidArgument, UnderstandJob, VideoJob, image_job, understand_job, video_job
 from ..local import ensure_model
 from ..render import stage_app_name
-from .common import config_from_args, deployment_options
+from ..video_jobs import store_actor
+from .common import ApiKeys, config_from_args, deployment_options
 from .grpc_util import grpc_abort, timings_proto
-
-MAX_VIDEO_JOBS = 256
 
 
 class _ForwardToASGI(StarletteResponse):
@@ -126,26 +125,12 @@ class RayStages:
         return self.planner.options(stream=True).understand.remote(messages.understand_request(job))
 
 
-@dataclass
-class VideoTask:
-    id: str
-    created_at: int
-    status: str = "queued"  # queued -> in_progress -> completed | failed
-    progress: int = 0
-    result: flows.Result | None = None
-    error: dict[str, Any] | None = None
-    task: asyncio.Task | None = field(default=None, repr=False)
-
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "object": "video", "status": self.status, "progress": self.progress,
-                               "created_at": self.created_at}
-        if self.result is not None:
-            media = self.result.media
-            out.update(model=self.result.model, seed=self.result.seed, width=media.width, height=media.height,
-                       frames=media.frames, fps=media.fps, mime_type=media.mime_type, timings=self.result.timings)
-        if self.error is not None:
-            out["error"] = self.error
-        return out
+# Stage services by the health-service names a gRPC client may ask about.
+_STAGE_SERVICES = {SERVICE_NAMES["planner"]: "planner", SERVICE_NAMES["dit"]: "dit", SERVICE_NAMES["vae"]: "vae"}
+_STAGE_DEPLOYMENTS = {"planner": "Planner", "dit": "DiT", "vae": "VAE"}
+_OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: no key, no body
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @serve.deployment(name="Ingress")
@@ -153,19 +138,23 @@ class IngressDeployment:
     def __init__(self, args: dict[str, Any]):
         self.cfg = config_from_args(args)
         self.limits = self.cfg.ingress.limits
+        self.auth = ApiKeys.from_settings(self.cfg.ingress)  # refuses to start with auth on and no keys
         self.stages: dict[str, RayStages] = {}
         self.defaults: dict[str, dict[str, Any]] = {}
+        self.stage_apps: dict[str, str] = {}  # stage app name -> stage kind
         for name in self.cfg.models:
             index = ensure_model(self.cfg, name)
             self.stages[index.family] = RayStages(index.preset, name)
             self.defaults[index.family] = index.defaults
-        keys = list(self.cfg.ingress.api_keys)
-        env = self.cfg.ingress.api_keys_env
-        if env and os.environ.get(env):
-            keys += [k.strip() for k in os.environ[env].split(",") if k.strip()]
-        self.api_keys = keys if self.cfg.ingress.auth_enabled else []
-        self.videos: OrderedDict[str, VideoTask] = OrderedDict()
-        self.http = self._http_app()
+            self.stage_apps.update({stage_app_name(name, stage): stage for stage in _STAGE_DEPLOYMENTS})
+        self.retries = self.cfg.ingress.stage_retries
+        jobs = self.cfg.ingress.video_jobs
+        self._job_deadline_s = self.limits.request_timeout_s + self.cfg.ingress.health_timeout_s
+        self.jobs = store_actor(jobs, self._job_deadline_s)
+        self._video_tasks: set[asyncio.Task] = set()
+        self._status_cache: tuple[float, dict[str, int]] | None = None
+        self.http = RequireKey(LimitedBody(self._http_app(), self.limits.max_request_bytes),
+                               self.auth.check_headers, _OPEN_PATHS)
 
     def _http_app(self) -> FastAPI:
         app = FastAPI(title="Mammoth Serve", version="1")
@@ -177,69 +166,80 @@ class IngressDeployment:
         app.add_api_route("/v1/videos/{video_id}", self.get_video, methods=["GET"])
         app.add_api_route("/v1/videos/{video_id}/content", self.get_video_content, methods=["GET"])
         app.add_api_route("/v1/models", self.list_models, methods=["GET"])
+        app.add_api_route("/health", self.live, methods=["GET"])
+        app.add_api_route("/ready", self.ready, methods=["GET"])
         return app
 
     async def __call__(self, request: Request) -> StarletteResponse:
         """HTTP entry point (the Serve HTTP proxy calls ``__call__``)."""
         return _ForwardToASGI(self.http)
 
+    async def check_health(self) -> None:
+        """Serve's probe of this replica: the shared job store must answer (it is re-created
+        when it died, so a lost store costs its jobs, not the ingress)."""
+        try:
+            await asyncio.wait_for(self.jobs.counts.remote(), self.cfg.ingress.health_timeout_s)
+        except Exception:  # noqa: BLE001 - re-acquire once, then report
+            self.jobs = store_actor(self.cfg.ingress.video_jobs, self._job_deadline_s)
+            await asyncio.wait_for(self.jobs.counts.remote(), self.cfg.ingress.health_timeout_s)
+
     # -- shared ------------------------------------------------------------------------------
-    def _check_key(self, key: str | None) -> None:
-        if not self.api_keys:
-            return
-        if not key or not any(secrets.compare_digest(key, k) for k in self.api_keys):
-            raise Unauthenticated("missing or invalid API key")
-
-    def _grpc_key(self, grpc_context: Any) -> str | None:
-        if grpc_context is None:
-            return None
-        for key, value in grpc_context.invocation_metadata():
-            if key == "authorization" and value.lower().startswith("bearer "):
-                return value[7:].strip()
-            if key == "x-api-key":
-                return value.strip()
-        return None
-
-    def _http_key(self, request: Request) -> str | None:
-        header = request.headers.get("authorization", "")
-        return header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
-
     def _family_stages(self, family: str, field_name: str = "model") -> RayStages:
         if family not in self.stages:
             task = "image" if family == "mammoth2" else "video"
             raise InvalidArgument(field_name, f"this server has no {task} model")
         return self.stages[family]
 
+    def _check_latent_tokens(self, job: ImageJob | VideoJob) -> None:
+        """The DiT's own bound, checked here so a too-large size is the client's 422, not a stage error."""
+        patch = max(job.multiple // job.spatial, 1)
+        frames = job.latent_frames if isinstance(job, VideoJob) else 1
+        tokens = job.latent_height * job.latent_width * frames // (patch * patch)
+        limit = self.cfg.dit.engine.max_latent_tokens
+        if tokens > limit:
+            raise InvalidArgument("width", f"{job.width}x{job.height} needs {tokens} latent tokens, over the "
+                                  f"limit {limit}")
+
     def _image_flow(self, msg: Any, *, edit: bool) -> AsyncIterator[flows.Event]:
         stages = self._family_stages("mammoth2")
         job = image_job(msg, self.defaults["mammoth2"], self.limits, edit=edit)
+        self._check_latent_tokens(job)
         flow = flows.edit_image if edit else flows.text_to_image
-        return self._with_deadline(flow(stages, job))
+        return self._with_deadline(flow(stages, job, retries=self.retries))
 
     def _video_flow(self, msg: Any, *, edit: bool) -> AsyncIterator[flows.Event]:
         stages = self._family_stages("mammoth25")
         job = video_job(msg, self.defaults["mammoth25"], self.limits, edit=edit)
+        self._check_latent_tokens(job)
         flow = flows.edit_video if edit else flows.text_to_video
-        return self._with_deadline(flow(stages, job))
+        return self._with_deadline(flow(stages, job, retries=self.retries))
 
     def _understand(self, msg: Any) -> tuple[UnderstandJob, AsyncIterator[str]]:
         job = understand_job(msg, self.limits)
         family = "mammoth2" if "mammoth2" in self.stages else next(iter(self.stages))
-        return job, self._with_deadline(flows.understand(self.stages[family], job))
+        return job, self._with_deadline(flows.understand(self.stages[family], job, retries=self.retries))
 
     async def _with_deadline(self, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async with asyncio.timeout(self.limits.request_timeout_s):
             async for event in events:
                 yield event
 
+    def _check_grpc(self, request: Any, grpc_context: Any) -> None:
+        """Key first (an unauthenticated caller learns nothing), then the message size."""
+        self.auth.check_grpc(grpc_context)
+        if request.ByteSize() > self.limits.max_request_bytes:
+            raise RequestTooLarge("request", self.limits.max_request_bytes)
+
     # -- gRPC: mammoth.v1.Generation -----------------------------------------------------------
     async def _grpc_generation(self, make_flow, request: Any, grpc_context: Any):
+        request_id = ""
         try:
-            self._check_key(self._grpc_key(grpc_context))
+            self._check_grpc(request, grpc_context)
             async for event in make_flow(request):
+                request_id = event.request_id
                 yield _event_proto(event)
         except Exception as exc:  # noqa: BLE001
-            grpc_abort(grpc_context, exc)
+            grpc_abort(grpc_context, exc, request_id)
 
     async def GenerateImage(self, request, grpc_context=None):  # noqa: N802
         async for out in self._grpc_generation(lambda r: self._image_flow(r, edit=False), request, grpc_context):
@@ -258,9 +258,11 @@ class IngressDeployment:
             yield out
 
     async def Understand(self, request, grpc_context=None):  # noqa: N802
+        request_id = ""
         try:
-            self._check_key(self._grpc_key(grpc_context))
+            self._check_grpc(request, grpc_context)
             job, deltas = self._understand(request)
+            request_id = job.request_id
             count = 0
             async for delta in deltas:
                 count += 1
@@ -268,40 +270,98 @@ class IngressDeployment:
             yield generation_pb2.UnderstandEvent(request_id=job.request_id, finish_reason="stop",
                                                  usage=generation_pb2.Usage(completion_tokens=count))
         except Exception as exc:  # noqa: BLE001
-            grpc_abort(grpc_context, exc)
+            grpc_abort(grpc_context, exc, request_id)
 
-    # grpc.health.v1.Health, routed here by the proxy (see services.render).
+    # -- health: grpc.health.v1.Health (routed here by the proxy, see services.render) and HTTP --
+    async def stage_states(self) -> dict[str, int]:
+        """Each stage application's state: SERVING while Serve has a RUNNING replica of it
+        (Serve replaces replicas whose ``check_health`` fails, so a dead engine shows here)."""
+        now = time.monotonic()
+        if self._status_cache is not None and now - self._status_cache[0] < 1.0:
+            return self._status_cache[1]
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), self.cfg.ingress.health_timeout_s)
+        except Exception:  # noqa: BLE001 - the controller not answering: nothing is known to serve
+            return dict.fromkeys(self.stage_apps, NOT_SERVING)
+        states = {}
+        for app_name, kind in self.stage_apps.items():
+            app = status.applications.get(app_name)
+            deployment = app.deployments.get(_STAGE_DEPLOYMENTS[kind]) if app is not None else None
+            running = deployment.replica_states.get("RUNNING", 0) if deployment is not None else 0
+            states[app_name] = SERVING if running > 0 else NOT_SERVING
+        self._status_cache = (now, states)
+        return states
+
+    async def _health_of(self, service: str) -> int:
+        states = await self.stage_states()
+        if service in ("", SERVICE_NAMES["generation"]):
+            chosen = list(states.values())
+        elif service in states:
+            chosen = [states[service]]
+        elif service in _STAGE_SERVICES:
+            chosen = [v for app, v in states.items() if self.stage_apps[app] == _STAGE_SERVICES[service]]
+        else:
+            raise UnknownService(service)
+        return SERVING if all(v == SERVING for v in chosen) else NOT_SERVING
+
     async def Check(self, request, grpc_context=None):  # noqa: N802
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        """Overall ("" or ``mammoth.v1.Generation``), one stage app (``image-dit``) or one
+        stage service (``mammoth.v1.DiT``, all models); health needs no key."""
+        try:
+            return health_pb2.HealthCheckResponse(status=await self._health_of(request.service))
+        except UnknownService:
+            _set_grpc_status(grpc_context, grpc.StatusCode.NOT_FOUND, f"service: unknown {request.service!r}")
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
 
     async def Watch(self, request, grpc_context=None):  # noqa: N802
-        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        """The current status, then every change (polled; ends with the proxy's request timeout)."""
+        last = None
+        while True:
+            try:
+                current = await self._health_of(request.service)
+            except UnknownService:
+                current = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            if current != last:
+                last = current
+                yield health_pb2.HealthCheckResponse(status=current)
+            await asyncio.sleep(self.cfg.ingress.health_timeout_s)
+
+    async def live(self, request: Request):
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request):
+        """200 when every stage application has a running replica, else 503; states per stage."""
+        states = await self.stage_states()
+        ready = all(v == SERVING for v in states.values())
+        body = {"status": "ready" if ready else "not_ready",
+                "stages": {app: health_pb2.HealthCheckResponse.ServingStatus.Name(v) for app, v in states.items()}}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     # -- HTTP -----------------------------------------------------------------------------------
     async def _http_errors(self, request: Request, work):
         try:
-            self._check_key(self._http_key(request))
             return await work()
         except Exception as exc:  # noqa: BLE001
-            error = classify(exc)
-            field_name = getattr(getattr(exc, "cause", None) or exc, "field", None)
+            error = classify(exc, _serve_request_id())
+            field_name = getattr(root_cause(exc), "field", None)
             return _error_json(error.http_status, http_message(error.message), error.kind,
                                http_field(field_name) if field_name else None)
 
     async def _image_http(self, request: Request, *, edit: bool):
         files: list[bytes] = []
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
+        if _is_multipart(request):
+            form = await request.form(max_files=self.limits.max_reference_images + 1)
             data: dict[str, Any] = {}
             for key, value in form.multi_items():
                 if key in ("image", "image[]"):
-                    files.append(await value.read())
+                    files.append(await _read_upload(f"image[{len(files)}]", value, self.limits.max_image_bytes))
                 else:
                     data[key] = value
             body = parse_body(ImageGenerationBody, data)
         else:
             body = parse_body(ImageGenerationBody, await _json(request))
-        flow = self._image_flow(image_request(body, edit=edit, files=files), edit=edit)
+        msg = image_request(body, edit=edit, files=files, max_image_bytes=self.limits.max_image_bytes)
+        flow = self._image_flow(msg, edit=edit)
         if body.stream:
             first = await anext(flow)  # surface bad requests as a status, not mid-stream
             return StreamingResponse(_sse_events(first, flow), media_type="text/event-stream")
@@ -319,7 +379,8 @@ class IngressDeployment:
     async def chat_completions(self, request: Request):
         async def work():
             body = parse_body(ChatBody, await _json(request))
-            job, deltas = self._understand(chat_request(body))
+            msg = chat_request(body, self.limits.max_image_bytes, self.limits.max_video_bytes)
+            job, deltas = self._understand(msg)
             created, name = int(time.time()), body.model or "mammoth"
             if body.stream:
                 first = await anext(deltas, "")
@@ -334,58 +395,68 @@ class IngressDeployment:
     async def create_video(self, request: Request):
         async def work():
             source = None
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                form = await request.form()
+            if _is_multipart(request):
+                form = await request.form(max_files=1)
                 data = {}
                 for key, value in form.multi_items():
                     if key in ("input_video", "video_file"):
-                        source = await value.read()
+                        source = await _read_upload(key, value, self.limits.max_video_bytes)
                     else:
                         data[key] = value
                 body = parse_body(VideoBody, data)
             else:
                 body = parse_body(VideoBody, await _json(request))
-            msg = video_request(body, source)
+            msg = video_request(body, source, self.limits.max_video_bytes)
             flow = self._video_flow(msg, edit=isinstance(msg, generation_pb2.EditVideoRequest))
-            first = await anext(flow)
-            video = VideoTask(first.request_id, int(time.time()))
-            video.task = asyncio.ensure_future(self._run_video(video, flow))
-            self.videos[video.id] = video
-            while len(self.videos) > MAX_VIDEO_JOBS:
-                _, old = self.videos.popitem(last=False)
-                if old.task is not None:
-                    old.task.cancel()
-            return JSONResponse(video.as_json(), status_code=200)
+            first = await anext(flow)  # bad requests fail here, before a job exists
+            try:
+                created = await self.jobs.create.remote(first.request_id)
+            except BaseException:
+                await flow.aclose()
+                raise
+            task = asyncio.ensure_future(self._run_video(first.request_id, flow))
+            self._video_tasks.add(task)
+            task.add_done_callback(self._video_tasks.discard)
+            return JSONResponse(created, status_code=200)
         return await self._http_errors(request, work)
 
-    async def _run_video(self, video: VideoTask, flow: AsyncIterator[flows.Event]) -> None:
+    async def _run_video(self, video_id: str, flow: AsyncIterator[flows.Event]) -> None:
+        """Runs in the replica that took the job; every state change goes to the shared store."""
+        progress = -1
         try:
             async for event in flow:
                 if isinstance(event, flows.Step):
-                    video.status = "in_progress"
-                    video.progress = int(100 * event.step / max(event.total, 1) * 0.95)
+                    value = int(100 * event.step / max(event.total, 1) * 0.95)
+                    if value != progress:
+                        progress = value
+                        self.jobs.progress.remote(video_id, value)
                 elif isinstance(event, flows.Result):
-                    video.result, video.status, video.progress = event, "completed", 100
+                    media = event.media
+                    meta = {"model": event.model, "seed": event.seed, "width": media.width, "height": media.height,
+                            "frames": media.frames, "fps": media.fps, "mime_type": media.mime_type,
+                            "timings": event.timings, "retries": event.retries}
+                    await self.jobs.finish.remote(video_id, meta, media.data, media.mime_type)
         except Exception as exc:  # noqa: BLE001
-            error = classify(exc)
-            video.status, video.error = "failed", {"message": error.message, "type": error.kind}
+            error = classify(exc, video_id)
+            await self.jobs.fail.remote(video_id, {"message": error.message, "type": error.kind})
 
     async def get_video(self, video_id: str, request: Request):
         async def work():
-            video = self.videos.get(video_id)
+            video = await self.jobs.get.remote(video_id)
             if video is None:
-                return _error_json(404, f"video {video_id!r} not found", "not_found_error", "video_id")
-            return JSONResponse(video.as_json())
+                return _error_json(404, "video not found", "not_found_error", "video_id")
+            return JSONResponse(video)
         return await self._http_errors(request, work)
 
     async def get_video_content(self, video_id: str, request: Request):
         async def work():
-            video = self.videos.get(video_id)
-            if video is None:
-                return _error_json(404, f"video {video_id!r} not found", "not_found_error", "video_id")
-            if video.result is None:
-                return _error_json(409, f"video {video_id!r} is {video.status}", "invalid_request_error", "video_id")
-            return Response(video.result.media.data, media_type=video.result.media.mime_type)
+            found = await self.jobs.content.remote(video_id)
+            if found is None:
+                return _error_json(404, "video not found", "not_found_error", "video_id")
+            status, data, mime_type = found
+            if data is None:
+                return _error_json(409, f"video is {status}", "invalid_request_error", "video_id")
+            return Response(data, media_type=mime_type)
         return await self._http_errors(request, work)
 
     async def list_models(self, request: Request):
@@ -396,6 +467,38 @@ class IngressDeployment:
         return await self._http_errors(request, work)
 
 
+class UnknownService(Exception):
+    """A health check for a service this server does not have."""
+
+
+def _set_grpc_status(grpc_context: Any, code: grpc.StatusCode, details: str) -> None:
+    if grpc_context is not None:
+        grpc_context.set_code(code)
+        grpc_context.set_details(details)
+
+
+def _serve_request_id() -> str:
+    """Serve's id of the current request (also in its ``x-request-id`` response header)."""
+    try:
+        return serve.context._get_serve_request_context().request_id or ""
+    except Exception:  # noqa: BLE001 - outside a replica
+        return ""
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
+
+
+async def _read_upload(field_name: str, upload: Any, limit: int) -> bytes:
+    """An uploaded file, refused once it passes ``limit`` (the body is already bounded)."""
+    if isinstance(upload, str):
+        raise InvalidArgument(field_name, "expected a file upload")
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidArgument(field_name, f"over the limit of {limit} bytes")
+    return data
+
+
 async def _sse_events(first: flows.Event, rest: AsyncIterator[flows.Event]) -> AsyncIterator[str]:
     yield sse(event_json(first), "progress")
     try:
@@ -403,7 +506,7 @@ async def _sse_events(first: flows.Event, rest: AsyncIterator[flows.Event]) -> A
             kind = "completed" if isinstance(event, flows.Result) else "progress"
             yield sse(event_json(event), kind)
     except Exception as exc:  # noqa: BLE001 - a stream that already started reports errors in-band
-        error = classify(exc)
+        error = classify(exc, first.request_id)
         yield sse({"type": "error", "error": {"message": error.message, "type": error.kind}}, "error")
 
 
@@ -419,7 +522,7 @@ async def _chat_sse(request_id: str, created: int, model: str, first: str,
             yield chunk({"content": delta})
         yield chunk({}, "stop")
     except Exception as exc:  # noqa: BLE001
-        error = classify(exc)
+        error = classify(exc, request_id)
         yield sse({"error": {"message": error.message, "type": error.kind}})
     yield sse("[DONE]")
 

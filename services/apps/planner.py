@@ -20,8 +20,15 @@ from ..jobs import check_text, new_request_id, understand_job
 from ..local import media_limits
 from ..stage_messages import plan_image_job
 from ..stages.planner import PlannerStage
-from .common import StageMetrics, apply_threads, config_from_args, deployment_options, model_from_args
-from .grpc_util import grpc_abort, timings_proto
+from .common import (
+    ApiKeys,
+    StageMetrics,
+    apply_threads,
+    config_from_args,
+    deployment_options,
+    model_from_args,
+)
+from .grpc_util import stage_grpc_abort, timings_proto
 
 
 @serve.deployment(name="Planner")
@@ -30,6 +37,7 @@ class PlannerDeployment:
         self.cfg = config_from_args(args)
         self.model, index = model_from_args(self.cfg, args)
         apply_threads(self.cfg.planner.engine.cpu_threads)
+        self.auth = ApiKeys.from_settings(self.cfg.ingress)  # before the engine: no keys, no start
         self.defaults = index.defaults
         self.stage = await PlannerStage.start(
             index.root, self.cfg.planner.engine, device=self.cfg.resolved_device("planner"),
@@ -70,9 +78,10 @@ class PlannerDeployment:
     # -- gRPC: mammoth.v1.Planner (the same methods, tensors put in the response) -----------
     async def PlanImage(self, request: planner_pb2.PlanImageRequest, grpc_context=None):  # noqa: N802
         try:
+            self.auth.check_grpc(grpc_context)
             result = await self.plan_image(request)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
-            grpc_abort(grpc_context, exc)
+            stage_grpc_abort(grpc_context, exc)
         response = planner_pb2.PlanImageResponse(request_id=request.request_id, planned_tokens=result.planned_tokens,
                                                  timings=timings_proto(result.timings))
         tensor_to_proto(result.text, out=response.text_condition)
@@ -84,9 +93,10 @@ class PlannerDeployment:
 
     async def EncodePrompt(self, request: planner_pb2.EncodePromptRequest, grpc_context=None):  # noqa: N802
         try:
+            self.auth.check_grpc(grpc_context)
             result = await self.encode_prompts(request)
         except Exception as exc:  # noqa: BLE001
-            grpc_abort(grpc_context, exc)
+            stage_grpc_abort(grpc_context, exc)
         response = planner_pb2.EncodePromptResponse(request_id=request.request_id,
                                                     num_tokens=int(result.prompt.shape[0]),
                                                     timings=timings_proto(result.timings))
@@ -97,12 +107,13 @@ class PlannerDeployment:
 
     async def Understand(self, request: generation_pb2.UnderstandRequest, grpc_context=None):  # noqa: N802
         try:
+            self.auth.check_grpc(grpc_context)
             request_id = new_request_id("chat")
             async for delta in self.understand(request):
                 yield generation_pb2.UnderstandEvent(request_id=request_id, text=delta)
             yield generation_pb2.UnderstandEvent(request_id=request_id, finish_reason="stop")
         except Exception as exc:  # noqa: BLE001
-            grpc_abort(grpc_context, exc)
+            stage_grpc_abort(grpc_context, exc)
 
 
 def app(args: dict[str, Any]) -> serve.Application:

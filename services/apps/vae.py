@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Any
 
 import numpy as np
+import torch
 from ray import serve
 
 from protos import common_pb2, vae_pb2
@@ -16,8 +18,15 @@ from ..jobs import IMAGE_FORMATS, MIME, InvalidArgument, check_int
 from ..local import media_limits
 from ..stage_messages import encode_job, output_spec
 from ..stages.vae import VAEStage
-from .common import StageMetrics, apply_threads, config_from_args, deployment_options, model_from_args
-from .grpc_util import grpc_abort, timings_proto
+from .common import (
+    ApiKeys,
+    StageMetrics,
+    apply_threads,
+    config_from_args,
+    deployment_options,
+    model_from_args,
+)
+from .grpc_util import stage_grpc_abort, timings_proto
 
 
 async def resolve(handle: Any) -> Any:
@@ -42,6 +51,15 @@ class VAEDeployment:
                                              max_batch_decodes=engine.max_batch_decodes,
                                              batch_wait_timeout_s=engine.batch_wait_timeout_s)
         self.metrics = StageMetrics("vae", self.model)
+        self.auth = ApiKeys.from_settings(self.cfg.ingress)  # its gRPC service, with expose_stages
+
+    async def check_health(self) -> None:
+        """Serve's probe: the VAE decodes a minimal latent on its device (a lost device, a broken
+        engine or a hung worker thread fails it, and Serve replaces this replica)."""
+        vae = self.stage.vae
+        shape = (1, vae.latent_channels, 1, 2, 2) if self.stage.is_video else (1, vae.latent_channels, 2, 2)
+        probe = torch.zeros(shape, dtype=vae.dtype, device=vae.device)
+        await asyncio.wait_for(asyncio.to_thread(vae.decode_many, [probe]), self.cfg.ingress.health_timeout_s * 4)
 
     # -- pipeline (handle) methods: the gRPC request messages, tensors beside them ------------
     async def encode(self, request: vae_pb2.EncodeRequest) -> EncodedMedia:
@@ -56,13 +74,16 @@ class VAEDeployment:
     async def decode(self, request: vae_pb2.DecodeRequest, latents: Any) -> MediaOutput:
         """``latents``: the DiT's ``[ObjectRef]`` (read here, never by the ingress) or an array."""
         with self.metrics.call("decode"):
-            return await self.stage.decode(latents, output_spec(request, video=self.stage.is_video))
+            spec = output_spec(request, video=self.stage.is_video, limits=self.cfg.ingress.limits)
+            return await self.stage.decode(latents, spec)
 
     async def preview(self, request: vae_pb2.PreviewRequest, latents: np.ndarray) -> common_pb2.Media:
         with self.metrics.call("preview"):
             fmt = IMAGE_FORMATS.get(request.format, "png")
             quality = check_int("quality", request.quality, 1, 100) if request.HasField("quality") else 90
-            data = await self.stage.preview(latents, fmt, quality, request.max_side)
+            max_side = check_int("max_side", request.max_side, 0, max(self.cfg.ingress.limits.max_width,
+                                                                       self.cfg.ingress.limits.max_height))
+            data = await self.stage.preview(latents, fmt, quality, max_side)
         return common_pb2.Media(data=data, mime_type=MIME[fmt])
 
     def stats(self) -> dict[str, int]:
@@ -85,9 +106,10 @@ class VAEDeployment:
     # -- gRPC: mammoth.v1.VAE (the same calls, tensors read from / put into the messages) ---
     async def Decode(self, request: vae_pb2.DecodeRequest, grpc_context=None):  # noqa: N802
         try:
+            self.auth.check_grpc(grpc_context)
             result = await self.decode(request, ndarray_from_proto(request.latents, name="latents"))
         except Exception as exc:  # noqa: BLE001
-            grpc_abort(grpc_context, exc)
+            stage_grpc_abort(grpc_context, exc, request.request_id)
         return vae_pb2.DecodeResponse(request_id=request.request_id,
                                       media=common_pb2.Media(data=result.data, mime_type=result.mime_type),
                                       width=result.width, height=result.height, frames=result.frames,
@@ -95,9 +117,10 @@ class VAEDeployment:
 
     async def Encode(self, request: vae_pb2.EncodeRequest, grpc_context=None):  # noqa: N802
         try:
+            self.auth.check_grpc(grpc_context)
             encoded = await self.encode(request)
         except Exception as exc:  # noqa: BLE001
-            grpc_abort(grpc_context, exc)
+            stage_grpc_abort(grpc_context, exc, request.request_id)
         response = vae_pb2.EncodeResponse(request_id=request.request_id, width=encoded.width, height=encoded.height,
                                           frames=encoded.frames, fps=round(encoded.fps),
                                           timings=timings_proto(encoded.timings))
@@ -106,9 +129,10 @@ class VAEDeployment:
 
     async def Preview(self, request: vae_pb2.PreviewRequest, grpc_context=None):  # noqa: N802
         try:
+            self.auth.check_grpc(grpc_context)
             return await self.preview(request, ndarray_from_proto(request.latents, name="latents"))
         except Exception as exc:  # noqa: BLE001
-            grpc_abort(grpc_context, exc)
+            stage_grpc_abort(grpc_context, exc, request.request_id)
 
 
 def app(args: dict[str, Any]) -> serve.Application:

@@ -6,10 +6,10 @@ import pickle
 
 import pytest
 
-from protos import common_pb2, generation_pb2, planner_pb2
+from protos import common_pb2, dit_pb2, generation_pb2, planner_pb2, vae_pb2
 from services import stage_messages as messages
 from services.config import RequestLimits
-from services.jobs import image_job, understand_job, video_job
+from services.jobs import InvalidArgument, image_job, understand_job, video_job
 from services.presets import get_preset
 
 IMAGE = get_preset("tiny-mammoth2").defaults
@@ -122,3 +122,72 @@ def test_understand_request_round_trips():
     assert (again.messages, again.max_tokens, again.temperature, again.top_p, again.seed, again.stop) == (
         job.messages, job.max_tokens, job.temperature, job.top_p, job.seed, job.stop)
 
+
+
+# ------------------------------------------------------------------ stage services' own limits
+
+
+def _denoise(**fields) -> dit_pb2.DenoiseRequest:
+    return dit_pb2.DenoiseRequest(**{"latent_height": 8, "latent_width": 8, "steps": 2, **fields})
+
+
+@pytest.mark.parametrize("fields,field", [
+    ({"steps": 10**6}, "steps"),
+    ({"latent_height": 0}, "latent_height"),
+    ({"latent_width": 7}, "latent_width"),
+    ({"latent_height": 10**6}, "latent_height"),
+    ({"latent_frames": 5}, "latent_frames"),  # an image DiT
+    ({"text_guidance": float("nan")}, "text_guidance"),
+    ({"text_guidance": float("inf")}, "text_guidance"),
+    ({"sigmas": [0.5] * 101}, "sigmas"),
+    ({"sigmas": [float("nan")]}, "sigmas[0]"),
+    ({"seed": -1}, "seed"),
+    ({"request_id": "x" * 1000}, "request_id"),
+    ({"request_id": "bad\nid"}, "request_id"),
+])
+def test_denoise_requests_are_checked_against_the_limits(fields, field):
+    with pytest.raises(InvalidArgument) as info:
+        messages.denoise_job(_denoise(**fields), "mammoth2", IMAGE, LIMITS)
+    assert info.value.field == field
+
+
+def test_denoise_latent_tokens_bound_and_defaults_when_no_limits_are_given():
+    with pytest.raises(InvalidArgument, match="latent tokens"):
+        messages.denoise_job(_denoise(latent_height=32, latent_width=32), "mammoth2", IMAGE, LIMITS,
+                             max_latent_tokens=100)
+    with pytest.raises(InvalidArgument, match="steps"):  # without a config the engine's bounds apply
+        messages.denoise_job(_denoise(steps=201), "mammoth2", IMAGE)
+    assert messages.denoise_job(_denoise(steps=200), "mammoth2", IMAGE).steps == 200
+    assert messages.denoise_job(_denoise(), "mammoth2", IMAGE, LIMITS).steps == 2
+
+
+@pytest.mark.parametrize("request_fields,field", [
+    ({"width": 100, "height": 64}, "width"),
+    ({"width": 64}, "height"),
+    ({"width": 64, "height": 10**6}, "height"),
+    ({"media": common_pb2.Media(data=b"")}, "media"),
+    ({"resize_policy": 99}, "resize_policy"),
+])
+def test_encode_requests_are_checked_against_the_limits(request_fields, field):
+    request = vae_pb2.EncodeRequest(**{"media": common_pb2.Media(data=b"png"), **request_fields})
+    with pytest.raises(InvalidArgument) as info:
+        messages.encode_job(request, IMAGE, LIMITS, video=False)
+    assert info.value.field == field
+
+
+def test_encode_media_over_the_byte_limit_is_refused():
+    small = LIMITS.model_copy(update={"max_image_bytes": 10})
+    with pytest.raises(InvalidArgument, match="exceed"):
+        messages.encode_job(vae_pb2.EncodeRequest(media=common_pb2.Media(data=b"x" * 11)), IMAGE, small, video=False)
+
+
+@pytest.mark.parametrize("request_msg,video,field", [
+    (vae_pb2.DecodeRequest(quality=0), False, "quality"),
+    (vae_pb2.DecodeRequest(quality=101), False, "quality"),
+    (vae_pb2.DecodeRequest(image_format=77), False, "image_format"),
+    (vae_pb2.DecodeRequest(fps=10**6), True, "fps"),
+])
+def test_decode_output_specs_are_checked(request_msg, video, field):
+    with pytest.raises(InvalidArgument) as info:
+        messages.output_spec(request_msg, video=video, limits=LIMITS)
+    assert info.value.field == field
