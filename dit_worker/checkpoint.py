@@ -133,6 +133,13 @@ def iter_checkpoint_tensors(directory: str | Path, names: list[str]) -> Iterator
             raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
+def keeps_fp32(name: str, modules: tuple[str, ...]) -> bool:
+    """Whether tensor ``name`` belongs to one of the ``_keep_in_fp32_modules`` (matched by a
+    whole dotted component, as diffusers matches them: ``norm1`` is not ``norm10``)."""
+    parts = name.split(".")
+    return any(module in parts for module in modules)
+
+
 def load_state_into(model: nn.Module, directory: str | Path, *, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None) -> nn.Module:
     """Fill a (meta-device) module from a model directory, strictly and lazily."""
@@ -159,8 +166,10 @@ def load_state_into(model: nn.Module, directory: str | Path, *, device: torch.de
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"tensor '{name}' in {directory} holds NaN or Inf values")
         target = dtype if (dtype is not None and tensor.is_floating_point()) else want.dtype
-        if keep_fp32 and tensor.dtype == torch.float32 and any(k in name for k in keep_fp32):
-            target = torch.float32  # modules the reference keeps in fp32 (time embedding, modulation)
+        if tensor.is_floating_point() and keeps_fp32(name, keep_fp32):
+            # Modules the reference keeps in fp32 (time embedding, modulation) run in fp32
+            # whatever the file stores: a bf16 checkpoint is upcast, as diffusers' loader does.
+            target = torch.float32
         # copy=True: own, aligned memory instead of views into the mmap'd file (kernels pick
         # different paths on unaligned buffers, and the file may change after load).
         state[name] = tensor.to(device=device, dtype=target, copy=True)

@@ -53,7 +53,7 @@ class DiTEngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_batch_rows: int = 16  # rows (request x CFG branch) per forward; larger cohorts are chunked
-    max_latent_tokens: int = 16384  # latent h*w (x frames) a single request may ask for
+    max_latent_tokens: int = 131072  # latent h*w (x frames) a single request may ask for
     max_ref_images: int = 5
 
 
@@ -133,7 +133,7 @@ class DiTEngine:
         if isinstance(request, ImageDenoiseRequest):
             request.validate(max_ref_images=self.config.max_ref_images)
         else:
-            request.validate()
+            request.validate(glyph_dim=self.family.glyph_dim(self.model.config))
         shape = self.family.latent_shape(request, self.latent_channels)
         tokens = 1
         for dim in shape[1:]:
@@ -193,7 +193,8 @@ class DiTEngine:
             shape = self.family.latent_shape(request, self.latent_channels)
             generator = torch.Generator(device="cpu").manual_seed(request.sampling.seed)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-            active.append(_Active(request, chain, self.family.sampler(request), noise.to(self.device, self.dtype),
+            latent_dtype = self.family.latent_dtype or self.dtype
+            active.append(_Active(request, chain, self.family.sampler(request), noise.to(self.device, latent_dtype),
                                   [self._to_device(b) for b in chain.branches], row_offset=0))
         return active
 
@@ -230,20 +231,20 @@ class DiTEngine:
         rows: list[int] = []
         latents: list[torch.Tensor] = []
         timesteps: list[float] = []
-        plan: list[tuple[_Active, list[int]]] = []
+        plan: list[tuple[_Active, list[int], list[float]]] = []
         for item in still:
-            branch_ids = item.chain.active_branches(item.sampler.step_index, item.sampler.num_steps)
-            plan.append((item, branch_ids))
+            step, num_steps = item.sampler.step_index, item.sampler.num_steps
+            branch_ids = item.chain.active_branches(step, num_steps)
+            plan.append((item, branch_ids, item.chain.active_scales(step, num_steps)))
             rows.extend(item.row_offset + b for b in branch_ids)
-            latents.extend([item.latents] * len(branch_ids))
+            latents.extend([item.latents.to(self.dtype)] * len(branch_ids))  # model input; latents keep theirs
             timesteps.extend([item.sampler.model_timestep()] * len(branch_ids))
         outputs = self._forward(torch.stack(latents), torch.tensor(timesteps, dtype=torch.float32), prepared, rows)
         cursor = 0
         next_active: list[_Active] = []
-        for item, branch_ids in plan:
+        for item, branch_ids, scales in plan:
             preds = list(outputs[cursor:cursor + len(branch_ids)])
             cursor += len(branch_ids)
-            scales = item.chain.scales if len(branch_ids) > 1 else []
             velocity = combine(preds, scales)
             item.latents = item.sampler.step(velocity, item.latents)
             item.forward_rows += len(branch_ids)

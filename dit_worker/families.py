@@ -10,10 +10,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .checkpoint import DataclassConfig
 from .guidance import GuidanceChain
 from .models.transformer_mammoth2 import Mammoth2Condition, Mammoth2DiTConfig, Mammoth2Transformer
-from .models.transformer_mammoth25 import Mammoth25Condition, Mammoth25DiTConfig, Mammoth25Transformer
+from .models.transformer_mammoth25 import (
+    BYT5_DIM,
+    Mammoth25Condition,
+    Mammoth25DiTConfig,
+    Mammoth25Transformer,
+)
 from .requests import ImageDenoiseRequest, VideoDenoiseRequest
 from .sampling import FlowMatchSampler, image_sampler, video_sampler
 
@@ -25,6 +32,7 @@ class ImageFamily:
     """MammothModa2: 2-way CFG for T2I, 3-way (uncond, ref-only, full) for editing."""
 
     name = "mammoth2"
+    latent_dtype = None  # the official draws the noise in the model's dtype
     config_cls = Mammoth2DiTConfig
     model_cls = Mammoth2Transformer
     request_cls = ImageDenoiseRequest
@@ -52,28 +60,47 @@ class ImageFamily:
 
 @dataclass(frozen=True)
 class VideoFamily:
-    """MammothModa2.5: 2-way CFG for T2V; editing adds the source-video context branch."""
+    """MammothModa2.5, as the official pipeline guides it:
+
+    - ``guidance <= 1``: no CFG at all, the conditioned prediction alone (editing included);
+    - text-to-video: ``[uncond, cond]`` on every step (``cfg_range`` does not apply);
+    - editing with ``context_guidance > 1``: inside ``cfg_range`` the 3-way chain
+      ``[uncond, source-only, cond]``; outside it, text guidance against the source-only branch.
+
+    Glyph (ByT5) states ride on the conditioned branch and on the 2-way negative, never on the
+    3-way context / uncond branches (the official calls pass none there).
+    """
 
     scheduler_config: dict | None = None
     name = "mammoth25"
+    latent_dtype = torch.float32  # official: fp32 noise, only the model input is cast
     config_cls = Mammoth25DiTConfig
     model_cls = Mammoth25Transformer
     request_cls = VideoDenoiseRequest
 
+    @staticmethod
+    def glyph_dim(config: Mammoth25DiTConfig) -> int | None:
+        """Width of the glyph states a checkpoint takes, None without its ByT5 mapper."""
+        return BYT5_DIM if config.enable_byt5 else None
+
     def chain(self, req: VideoDenoiseRequest) -> GuidanceChain:
-        full = Mammoth25Condition(prompt=req.prompt, source_latents=req.source_latents)
-        context_scale = req.context_guidance if req.source_latents is not None else 1.0
-        if context_scale > 1.0:
-            uncond = Mammoth25Condition(prompt=req.negative, source_latents=None)
-            context = Mammoth25Condition(prompt=req.negative, source_latents=req.source_latents)
-            if req.guidance > 1.0:
-                return GuidanceChain([uncond, context, full], [context_scale, req.guidance], req.sampling.cfg_range)
-            # The reference drops the conditional branch here: uncond + c * (context - uncond).
-            return GuidanceChain([uncond, context], [context_scale], req.sampling.cfg_range)
-        if req.guidance > 1.0:
-            uncond = Mammoth25Condition(prompt=req.negative, source_latents=req.source_latents)
-            return GuidanceChain([uncond, full], [req.guidance], req.sampling.cfg_range)
-        return GuidanceChain([full], [], req.sampling.cfg_range)
+        source = req.source_latents
+        full = Mammoth25Condition(prompt=req.prompt, source_latents=source, glyph=req.glyph)
+        if req.guidance <= 1.0:
+            return GuidanceChain([full])
+        text_uncond = Mammoth25Condition(prompt=req.negative, source_latents=source, glyph=req.negative_glyph)
+        if source is None or req.context_guidance <= 1.0:
+            return GuidanceChain([text_uncond, full], [req.guidance])
+        uncond = Mammoth25Condition(prompt=req.negative, source_latents=None)
+        context = Mammoth25Condition(prompt=req.negative, source_latents=source)
+        branches = [uncond, context, full]
+        if req.negative_glyph is None:
+            outside = [1, 2]  # the 2-way negative is the context branch itself
+        else:
+            branches.append(text_uncond)
+            outside = [3, 2]
+        return GuidanceChain(branches, [req.context_guidance, req.guidance], req.sampling.cfg_range,
+                             outside=outside, outside_scales=[req.guidance], inside=[0, 1, 2])
 
     def sampler(self, req: VideoDenoiseRequest) -> FlowMatchSampler:
         return video_sampler(req.sampling.steps, self.scheduler_config, req.sampling.sigmas)

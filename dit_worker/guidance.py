@@ -8,8 +8,10 @@ conditioned, ``b_0 .. b_n`` with scales ``s_1 .. s_n``::
 - 2-way (T2I / T2V):             [uncond, cond],             scales [text]
 - 3-way (image / video editing): [uncond, ref_only, cond],   scales [image (or context), text]
 
-Outside ``cfg_range`` (a fraction of the steps) only the last, fully conditioned branch runs:
-the engine then skips the other branches' forward passes entirely.
+Outside ``cfg_range`` (a fraction of the steps) a shorter chain runs, by default only the last,
+fully conditioned branch; the engine then skips the other branches' forward passes entirely.
+MammothModa2.5 editing keeps text guidance there (``outside=[source-only, cond]``): its
+``cfg_range`` gates only the context guidance, as the official pipeline's does.
 """
 
 from __future__ import annotations
@@ -31,19 +33,40 @@ class GuidanceChain(Generic[ConditionT]):
     branches: list[ConditionT]
     scales: list[float] = field(default_factory=list)
     cfg_range: tuple[float, float] = (0.0, 1.0)
+    # The chain outside cfg_range: branch indices (least to most conditioned) and their scales.
+    # ``None``: the last branch alone. Indices may name branches the inside chain does not use.
+    outside: list[int] | None = None
+    outside_scales: list[float] = field(default_factory=list)
+    inside: list[int] | None = None  # the chain inside cfg_range; None: every branch in order
 
     def __post_init__(self) -> None:
-        if len(self.scales) != len(self.branches) - 1:
-            raise ValueError(f"guidance: {len(self.branches)} branches need {len(self.branches) - 1} scales")
+        if not self.branches:
+            raise ValueError("guidance: need at least one branch")
+        inside = self._inside()
+        if len(self.scales) != len(inside) - 1:
+            raise ValueError(f"guidance: {len(inside)} branches need {len(inside) - 1} scales")
+        outside = self._outside()
+        if len(self.outside_scales) != len(outside) - 1:
+            raise ValueError(f"guidance: an outside chain of {len(outside)} branches needs {len(outside) - 1} scales")
+        if any(not 0 <= i < len(self.branches) for i in (*inside, *outside)):
+            raise ValueError("guidance: branch index out of range")
+
+    def _inside(self) -> list[int]:
+        return list(range(len(self.branches))) if self.inside is None else list(self.inside)
+
+    def _outside(self) -> list[int]:
+        return self._inside()[-1:] if self.outside is None else list(self.outside)
+
+    def _in_range(self, step: int, num_steps: int) -> bool:
+        return self.cfg_range[0] <= step / num_steps <= self.cfg_range[1]
 
     def active_branches(self, step: int, num_steps: int) -> list[int]:
-        """Indices of the branches to run at ``step`` (all inside cfg_range, else only the last)."""
-        if len(self.branches) == 1:
-            return [0]
-        ratio = step / num_steps
-        if self.cfg_range[0] <= ratio <= self.cfg_range[1]:
-            return list(range(len(self.branches)))
-        return [len(self.branches) - 1]
+        """Indices of the branches to run at ``step``, least to most conditioned."""
+        return self._inside() if self._in_range(step, num_steps) else self._outside()
+
+    def active_scales(self, step: int, num_steps: int) -> list[float]:
+        """The scales that combine ``active_branches(step, num_steps)``."""
+        return list(self.scales) if self._in_range(step, num_steps) else list(self.outside_scales)
 
 
 def combine(predictions: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:

@@ -88,13 +88,26 @@ class VideoDenoiseRequest:
     guidance: float = 5.0
     context_guidance: float = 1.0
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # ByT5 states [Lg, 1472] of the quoted text in the prompt / negative prompt (glyph
+    # checkpoints, ``enable_byt5``); None when there is none, as the official pads it to nothing.
+    glyph: torch.Tensor | None = None
+    negative_glyph: torch.Tensor | None = None
 
-    def validate(self) -> None:
+    def validate(self, *, glyph_dim: int | None = None) -> None:
+        """``glyph_dim``: the checkpoint's glyph width, None when it has no glyph mapper."""
         _check_condition("prompt_condition", self.prompt, required=True)
         self.guidance = validate_scale("guidance", self.guidance)
         self.context_guidance = validate_scale("context_guidance", self.context_guidance)
-        needs_negative = self.guidance > 1.0 or (self.source_latents is not None and self.context_guidance > 1.0)
-        _check_condition("negative_condition", self.negative, required=needs_negative)
+        # Official: CFG (and with it every negative branch) is on only when guidance > 1.
+        _check_condition("negative_condition", self.negative, required=self.guidance > 1.0)
+        for name, glyph in (("glyph_condition", self.glyph), ("negative_glyph_condition", self.negative_glyph)):
+            _check_condition(name, glyph, required=False)
+            if glyph is None:
+                continue
+            if glyph_dim is None:
+                raise ValueError(f"{name}: this checkpoint has no ByT5 glyph mapper (enable_byt5 is off)")
+            if glyph.shape[1] != glyph_dim:
+                raise ValueError(f"{name}: expected [tokens, {glyph_dim}], got {tuple(glyph.shape)}")
         if self.source_latents is not None and (
             self.source_latents.ndim != 4 or not torch.isfinite(self.source_latents).all()
         ):

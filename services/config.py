@@ -141,7 +141,9 @@ class DiTEngine(_StageEngine):
 
     max_batch_rows: PositiveInt = 16  # request x CFG-branch rows per forward
     batch_wait_timeout_s: NonNegativeFloat = 0.01  # how long a batch waits to fill
-    max_latent_tokens: PositiveInt = 16384  # latent h*w (x frames) one request may ask for
+    # latent h*w (x frames) one request may ask for; 2.5's default 832x480x81 video is 32,760,
+    # 1280x720x121 with the 16x Wan2.2 VAE 111,600
+    max_latent_tokens: PositiveInt = 131072
 
 
 class VAEEngine(_StageEngine):

@@ -16,10 +16,12 @@ from typing import Any
 STAGES = ("planner", "dit", "vae")
 _STAGE_MODULES = {"planner": "planner.presets", "dit": "dit_worker.presets", "vae": "vae_worker.presets"}
 
-# Our default negative prompt for image generation; a per-request field overrides it.
+# The official MammothModa2 processor's default negative prompt (the DiT was tuned with it);
+# a per-request field overrides it.
 DEFAULT_IMAGE_NEGATIVE_PROMPT = (
-    "low quality, blurry, distorted, deformed, disfigured, bad anatomy, malformed hands, "
-    "extra limbs, oversaturated, watermark, text artifacts"
+    "deformed, blurry, over saturation, bad anatomy, disfigured, poorly drawn face, mutation, mutated, "
+    "extra_limb, ugly, poorly drawn hands, fused fingers, messy drawing, broken legs censor, censored, "
+    "censor_bar Create an image from the instruction."
 )
 
 
