@@ -67,26 +67,96 @@ def _load_config(path: str | None):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from .deploy import serve_down, serve_up
+    from .deploy import ServeProcess
 
     cfg = _load_config(args.config)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        serve_up(cfg, address=args.address)
-        ingress = cfg.ingress
+    ingress = cfg.ingress
+
+    def ready(_rendered) -> None:
         print(f"serving: gRPC {ingress.host}:{ingress.grpc_port}  HTTP http://{ingress.host}:{ingress.http_port}  "
-              f"models {', '.join(cfg.models)} (Ctrl-C to stop)", flush=True)
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve_down()
+              f"models {', '.join(cfg.models)} (Ctrl-C or SIGTERM to stop)", flush=True)
+
+    code = ServeProcess(cfg, address=args.address).run(on_ready=ready)
+    print("stopped", flush=True)
+    return code
+
+
+def _k8s_config(args: argparse.Namespace):
+    from .config import ServeConfig
+    from .k8s.manifests import profile_config
+
+    if args.config:
+        cfg = ServeConfig.load(args.config)
+        return cfg, args.profile or cfg.device
+    profile = args.profile or "gpu"
+    return profile_config(profile), profile
+
+
+def _k8s_objects(args: argparse.Namespace) -> list[dict]:
+    from .k8s.manifests import render_manifests
+
+    cfg, profile = _k8s_config(args)
+    return render_manifests(cfg, profile, image=getattr(args, "image", None), namespace=args.namespace)
+
+
+def _cmd_k8s_render(args: argparse.Namespace) -> int:
+    from .k8s.manifests import manifests_yaml
+
+    objects = _k8s_objects(args)
+    command = "mammoth k8s render --profile " + _k8s_config(args)[1] + (f" --config {args.config}" if args.config else "")
+    _write_or_print(manifests_yaml(objects, command=command), args.output)
     return 0
+
+
+def _k8s_cluster(args: argparse.Namespace):
+    from .k8s.kubectl import Cluster, api_client
+
+    return Cluster(api_client(kubeconfig=args.kubeconfig, context=args.context))
+
+
+def _k8s_run(args: argparse.Namespace, work) -> int:
+    from .k8s.kubectl import K8sError
+
+    try:
+        return work()
+    except K8sError as exc:
+        print(f"mammoth k8s {args.k8s_command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_k8s_apply(args: argparse.Namespace) -> int:
+    def work() -> int:
+        objects, cluster = _k8s_objects(args), _k8s_cluster(args)
+        for obj in objects:
+            meta = obj["metadata"]
+            print(f"{obj['kind']} {meta['namespace']}/{meta['name']} {cluster.apply(obj)}", flush=True)
+        return 0
+
+    return _k8s_run(args, work)
+
+
+def _cmd_k8s_delete(args: argparse.Namespace) -> int:
+    def work() -> int:
+        objects, cluster = _k8s_objects(args), _k8s_cluster(args)
+        for obj in reversed(objects):
+            meta = obj["metadata"]
+            print(f"{obj['kind']} {meta['namespace']}/{meta['name']} {cluster.delete(obj)}", flush=True)
+        return 0
+
+    return _k8s_run(args, work)
+
+
+def _cmd_k8s_status(args: argparse.Namespace) -> int:
+    from .k8s.kubectl import format_status, parse_status
+
+    def work() -> int:
+        cfg, _ = _k8s_config(args)
+        namespace = args.namespace or cfg.k8s.namespace
+        parsed = parse_status(_k8s_cluster(args).rayservice(namespace, args.name or cfg.k8s.name))
+        print(json.dumps(parsed) if args.json else format_status(parsed))
+        return 0 if parsed["ready"] else 3
+
+    return _k8s_run(args, work)
 
 
 def _client(args: argparse.Namespace):
@@ -228,6 +298,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="mammoth config YAML (default: tiny CPU models, built on first use)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("k8s", help="the KubeRay RayService: render manifests, apply, status, delete")
+    k8s_sub = p.add_subparsers(dest="k8s_command", required=True)
+    for name, func, help_text in (
+        ("render", _cmd_k8s_render, "print the manifests (RayService, Service, PDBs, NetworkPolicy)"),
+        ("apply", _cmd_k8s_apply, "create or patch the manifests on a cluster"),
+        ("status", _cmd_k8s_status, "readiness of the RayService, its applications and deployments"),
+        ("delete", _cmd_k8s_delete, "delete the manifests from a cluster"),
+    ):
+        k = k8s_sub.add_parser(name, help=help_text)
+        k.add_argument("--profile", choices=["gpu", "cpu"], help="default: the config's device, else gpu")
+        k.add_argument("--config", help="mammoth config YAML (default: the profile's built-in config)")
+        k.add_argument("--namespace", help="default: k8s.namespace of the config")
+        if name == "render":
+            k.add_argument("--image", help="container image (default: k8s.image, else mammoth-serve:<version>-<profile>)")
+            k.add_argument("-o", "--output", help="write here instead of stdout")
+        else:
+            k.add_argument("--context", help="kubeconfig context (default: the current one)")
+            k.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+        if name == "apply":
+            k.add_argument("--image", help="container image")
+        if name == "status":
+            k.add_argument("--name", help="RayService name (default: k8s.name)")
+            k.add_argument("--json", action="store_true", help="one JSON object")
+        k.set_defaults(func=func)
 
     p = sub.add_parser("image", help="text to image")
     p.add_argument("prompt")

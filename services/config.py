@@ -270,6 +270,60 @@ class ModelSettings(_Section):
         return read_index(self.directory()).family
 
 
+# ------------------------------------------------------------------------- Kubernetes (KubeRay)
+
+K8sName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")]  # DNS-1123 label
+
+
+class K8sToleration(_Section):
+    """A pod toleration (the Kubernetes field names)."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class K8sGroup(_Section):
+    """The pod shape of one KubeRay group. Unset sizes are derived from the stage's replicas."""
+
+    cpus: PositiveInt | None = None  # Ray CPUs per pod (= request = limit); None: fits the replicas
+    memory: str = Field("16Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$")  # request = limit
+    gpus: NonNegativeInt | None = None  # GPUs per pod; None: what one replica (or its placement group) needs
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[K8sToleration] | None = None  # None: the GPU taint toleration on GPU pods
+
+
+class K8sModelVolume(_Section):
+    """Where model directories come from inside the pods (mounted read-only)."""
+
+    claim_name: str | None = "mammoth-models"  # a PersistentVolumeClaim; None: an emptyDir (tiny models)
+    mount_path: str = "/models"
+
+
+class K8sSettings(_Section):
+    """How ``mammoth k8s render`` lays the pipeline out as a KubeRay RayService."""
+
+    name: K8sName = "mammoth"
+    namespace: K8sName = "default"
+    image: str | None = None  # None: mammoth-serve:<version>-<cpu|gpu> (the Dockerfile's tag)
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    ray_version: str = "2.60.0"
+    gpu_resource: str = "nvidia.com/gpu"
+    api_keys_secret: K8sName | None = "mammoth-api-keys"  # Secret with the keys; exported as ingress.api_keys_env
+    api_keys_secret_key: str = "api-keys"
+    idle_timeout_s: PositiveInt = 120  # autoscaler: an idle worker pod is removed after this
+    upscaling_mode: Literal["Default", "Aggressive", "Conservative"] = "Default"
+    termination_grace_s: PositiveInt = 90  # pod terminationGracePeriodSeconds (drain + Ray stop)
+    max_unavailable: PositiveInt = 1  # PodDisruptionBudget per worker group
+    operator_namespace: K8sName = "default"  # where the KubeRay operator runs (reaches the dashboard)
+    model_volume: K8sModelVolume = Field(default_factory=K8sModelVolume)
+    head: K8sGroup = Field(default_factory=lambda: K8sGroup(cpus=2, memory="8Gi"))
+    planner: K8sGroup = Field(default_factory=lambda: K8sGroup(memory="64Gi"))
+    dit: K8sGroup = Field(default_factory=lambda: K8sGroup(memory="64Gi"))
+    vae: K8sGroup = Field(default_factory=lambda: K8sGroup(memory="32Gi"))
+
+
 def _default_models() -> dict[str, ModelSettings]:
     return {name: ModelSettings(preset=preset) for name, preset in DEFAULT_MODELS.items()}
 
@@ -291,6 +345,9 @@ class ServeConfig(_Section):
     env_vars: dict[str, str] = Field(default_factory=dict)  # for every application
     # A CPU stage dtype without native matmuls on the replica's CPU: refuse to start, or warn and run
     cpu_dtype_policy: Literal["refuse", "warn"] = "refuse"
+    # `mammoth serve` on SIGTERM/SIGINT: stop accepting, let in-flight requests finish this long
+    shutdown_grace_s: NonNegativeFloat = 30.0
+    k8s: K8sSettings = Field(default_factory=K8sSettings)  # `mammoth k8s render` only
 
     @model_validator(mode="after")
     def _devices(self) -> Self:

@@ -3,7 +3,10 @@
 The output is the multi-application schema Ray validates as ``ServeDeploySchema`` and that a
 KubeRay ``RayService`` embeds as ``serveConfigV2``: one application per stage plus the
 ``mammoth`` ingress application. Every application gets the whole config as ``args`` so its
-builder rebuilds exactly the same ``ServeConfig`` (``ServeConfig.from_app_args(args)``).
+builder rebuilds the same ``ServeConfig`` (``ServeConfig.from_app_args(args)``), except inline
+API keys: a rendered file is copied around (a RayService's ``serveConfigV2``, logs, the Ray
+dashboard), so keys never go into it; the ingress reads them from ``ingress.api_keys_env`` (a
+Kubernetes Secret in production), and ``mammoth serve`` hands inline keys to it in memory.
 
 gRPC through the Serve proxy (Ray 2.60): the proxy imports the ``add_*Servicer_to_server``
 functions listed here and routes every method of those services to the application named by
@@ -58,8 +61,12 @@ def _actor_options(section: DeploymentSettings) -> dict[str, Any]:
     return out
 
 
-def deployment_config(name: str, section: DeploymentSettings) -> dict[str, Any]:
-    """One deployment's Serve options (scaling, queue bounds, resources) from its config section."""
+def deployment_config(name: str, section: DeploymentSettings, *, shutdown_grace_s: float | None = None
+                      ) -> dict[str, Any]:
+    """One deployment's Serve options (scaling, queue bounds, resources) from its config section.
+
+    ``shutdown_grace_s``: how long a stopping replica (scale-down, node drain, ``serve.delete``)
+    keeps serving its in-flight requests before Serve kills it."""
     out: dict[str, Any] = {"name": name}
     if section.autoscaling is not None:
         a = section.autoscaling
@@ -79,6 +86,8 @@ def deployment_config(name: str, section: DeploymentSettings) -> dict[str, Any]:
     out["max_ongoing_requests"] = section.max_ongoing_requests
     out["max_queued_requests"] = section.max_queued_requests
     out["ray_actor_options"] = _actor_options(section)
+    if shutdown_grace_s is not None:
+        out["graceful_shutdown_timeout_s"] = shutdown_grace_s
     if isinstance(section, IngressSettings):
         # the proxy's own rejection when the ingress queue is full: 429 as the API promises, not 503
         out["backpressure_config"] = {"status_code": 429, "retry_after_s": 1}
@@ -115,7 +124,7 @@ def _application(cfg: ServeConfig, spec: AppSpec, section: DeploymentSettings, r
         "import_path": spec.import_path,
         "route_prefix": route_prefix,
         "args": copy.deepcopy(args),  # no shared objects: plain YAML without anchors
-        "deployments": [deployment_config(spec.deployment, section)],
+        "deployments": [deployment_config(spec.deployment, section, shutdown_grace_s=cfg.shutdown_grace_s)],
     }
     env = stage_env_vars(cfg, spec.name)
     if env:
@@ -132,10 +141,17 @@ def grpc_servicer_functions(cfg: ServeConfig) -> list[str]:
     return functions
 
 
+def without_api_keys(cfg: ServeConfig) -> ServeConfig:
+    """The config as rendered into application args: inline ``ingress.api_keys`` removed."""
+    return cfg.model_copy(update={"ingress": cfg.ingress.model_copy(update={"api_keys": []})})
+
+
 def render_serve_config(cfg: ServeConfig, *, validate: bool = True) -> dict[str, Any]:
-    """The Ray Serve config dict; checked against Ray's own ``ServeDeploySchema`` unless told not to."""
+    """The Ray Serve config dict; checked against Ray's own ``ServeDeploySchema`` unless told not to.
+
+    Application args never carry inline API keys (see the module docstring)."""
     ingress = cfg.ingress
-    args = {"config": cfg.to_dict()}
+    args = {"config": without_api_keys(cfg).to_dict()}
     timeout = ingress.limits.request_timeout_s
     applications = []
     for model in cfg.models:
@@ -169,6 +185,10 @@ def validate_serve_config(config: dict[str, Any]) -> Any:
 
 
 def render_yaml(cfg: ServeConfig, *, source: str | None = None) -> str:
+    if cfg.ingress.api_keys:
+        warnings.warn(f"ingress.api_keys: {len(cfg.ingress.api_keys)} inline key(s) left out of the rendered "
+                      f"config; the ingress reads keys from ${cfg.ingress.api_keys_env or '<ingress.api_keys_env>'}",
+                      stacklevel=2)
     header = "# Ray Serve config rendered by `mammoth config render`"
     header += f" from {source}" if source else " from the default config"
     header += ".\n# Edit the Mammoth config and render again rather than editing this file.\n"

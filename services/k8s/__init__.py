@@ -1,0 +1,1 @@
+"""Kubernetes: the KubeRay RayService rendered from the serving config, and apply/status/delete."""
