@@ -220,6 +220,7 @@ class IngressSettings(DeploymentSettings):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     video_jobs: VideoJobSettings = Field(default_factory=VideoJobSettings)
     stage_retries: NonNegativeInt = 1  # a DiT/VAE (or not yet streaming planner) call whose replica died
+    retry_wait_s: NonNegativeFloat = 30.0  # a retry waits this long for a live replica, else 503
     health_timeout_s: PositiveFloat = 5.0  # gRPC health / readiness: how long a stage may take to answer
 
     @model_validator(mode="after")

@@ -90,6 +90,16 @@ Event = Queued | Planning | Step | Decoding | Result
 Start = Callable[[], Awaitable[tuple[Any, Any]]]
 
 
+async def _retryable(stages: Stages, exc: BaseException) -> bool:
+    """Only a dead stage is retried, and only while every stage has a live replica to take the
+    call (``stages.ready()`` where the transport knows): waiting for a restart that takes longer
+    than the deadline would turn a prompt 503 into a late 504."""
+    if not is_unavailable(exc):
+        return False
+    ready = getattr(stages, "ready", None)
+    return True if ready is None else bool(await ready())
+
+
 async def _denoise_and_decode(stages: Stages, job: ImageJob | VideoJob, start: Start, planned_tokens: int,
                               started: float, retries: int) -> AsyncIterator[Event]:
     """``start()`` issues the planner/VAE-encode calls and returns (conditions, media).
@@ -123,7 +133,7 @@ async def _denoise_and_decode(stages: Stages, job: ImageJob | VideoJob, start: S
             if done is None:
                 raise RuntimeError("the DiT stage ended without a result")
         except Exception as exc:
-            if attempts >= retries or not is_unavailable(exc):
+            if attempts >= retries or not await _retryable(stages, exc):
                 raise
             attempts += 1
             if not stepped:
@@ -134,7 +144,7 @@ async def _denoise_and_decode(stages: Stages, job: ImageJob | VideoJob, start: S
             output = await stages.decode(done.latents, job)
             break
         except Exception as exc:
-            if attempts >= retries or not is_unavailable(exc):
+            if attempts >= retries or not await _retryable(stages, exc):
                 raise
             attempts += 1
     timings = {**done.timings, **output.timings, "total": time.perf_counter() - started}
@@ -204,6 +214,6 @@ async def understand(stages: Stages, job: UnderstandJob, *, retries: int = 0) ->
                 yield delta
             return
         except Exception as exc:
-            if sent or attempts >= retries or not is_unavailable(exc):
+            if sent or attempts >= retries or not await _retryable(stages, exc):
                 raise
             attempts += 1

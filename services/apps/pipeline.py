@@ -6,8 +6,9 @@ tensor: each stage's DeploymentResponse goes straight into the next stage's call
 
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -81,11 +82,16 @@ class RayStages:
     resolves in the receiving replica, so no tensor passes through the ingress.
     """
 
-    def __init__(self, model_name: str, model: str):
+    def __init__(self, model_name: str, model: str, ready: Callable[[], Awaitable[bool]] | None = None):
         self.model_name = model_name
+        self._ready = ready
         self.planner = serve.get_deployment_handle("Planner", app_name=stage_app_name(model, "planner"))
         self.dit = serve.get_deployment_handle("DiT", app_name=stage_app_name(model, "dit"))
         self.vae = serve.get_deployment_handle("VAE", app_name=stage_app_name(model, "vae"))
+
+    async def ready(self) -> bool:
+        """Whether every stage of this model has a running replica (the retry gate of ``flows``)."""
+        return True if self._ready is None else await self._ready()
 
     def plan_image(self, job: ImageJob, references: list[Any] | None) -> Any:
         return self.planner.plan_image.remote(messages.plan_image_request(job), *(references or []))
@@ -144,7 +150,8 @@ class IngressDeployment:
         self.stage_apps: dict[str, str] = {}  # stage app name -> stage kind
         for name in self.cfg.models:
             index = ensure_model(self.cfg, name)
-            self.stages[index.family] = RayStages(index.preset, name)
+            apps = [stage_app_name(name, stage) for stage in _STAGE_DEPLOYMENTS]
+            self.stages[index.family] = RayStages(index.preset, name, functools.partial(self._apps_serving, apps))
             self.defaults[index.family] = index.defaults
             self.stage_apps.update({stage_app_name(name, stage): stage for stage in _STAGE_DEPLOYMENTS})
         self.retries = self.cfg.ingress.stage_retries
@@ -291,6 +298,18 @@ class IngressDeployment:
             states[app_name] = SERVING if running > 0 else NOT_SERVING
         self._status_cache = (now, states)
         return states
+
+    async def _apps_serving(self, apps: list[str]) -> bool:
+        """True once every app in ``apps`` has a running replica, waiting up to ``retry_wait_s``
+        (a DiT or VAE replica is replaced in seconds; a planner restart takes longer)."""
+        deadline = time.monotonic() + self.cfg.ingress.retry_wait_s
+        while True:
+            states = await self.stage_states()
+            if all(states.get(app) == SERVING for app in apps):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.5)
 
     async def _health_of(self, service: str) -> int:
         states = await self.stage_states()
