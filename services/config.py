@@ -136,11 +136,26 @@ class PlannerEngine(_StageEngine):
     multiprocessing: bool = False  # vLLM V1 engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING)
 
 
+class DiTParallel(_Section):
+    """Expert/sequence/data-parallel DiT group (``dit_worker.parallel``): one replica = ``size``
+    ranks (Ray actors in the replica's placement group, one GPU each on cuda). Applies to MoE
+    (video) models; image DiTs stay single-process. ``size: 1`` keeps one process."""
+
+    size: PositiveInt = 1
+    mode: Literal["auto", "sp"] = "auto"  # auto: rows >= size -> split rows, else split sequence
+    collective_timeout_s: PositiveFloat = 60.0  # a dead or hung rank fails the step after this
+    placement_file: str | None = None  # expert -> rank JSON (``mammoth dit placement``); None: contiguous
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    rank_num_cpus: NonNegativeFloat = 0.25  # Ray CPUs per rank actor
+    start_timeout_s: PositiveFloat = 300.0  # ranks loading their shards and joining the group
+
+
 class DiTEngine(_StageEngine):
     """Batched DiT engine (``dit_worker.engine``)."""
 
     max_batch_rows: PositiveInt = 16  # request x CFG-branch rows per forward
     batch_wait_timeout_s: NonNegativeFloat = 0.01  # how long a batch waits to fill
+    parallel: DiTParallel = Field(default_factory=DiTParallel)
     # latent h*w (x frames) one request may ask for; 2.5's default 832x480x81 video is 32,760,
     # 1280x720x121 with the 16x Wan2.2 VAE 111,600
     max_latent_tokens: PositiveInt = 131072

@@ -57,6 +57,10 @@ class ParallelModel:
     def eval(self) -> ParallelModel:
         return self
 
+    def modules(self):
+        """No local submodules: attention backends and compilation apply on the ranks."""
+        return iter(())
+
     def prepare(self, conditions: list[Any]) -> GroupPrepared:
         prepared_id = next(self._ids)
         rows = self.transport.submit(StepPlan("prepare", prepared_id=prepared_id, conditions=list(conditions)))

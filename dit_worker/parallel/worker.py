@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dit_worker.models.attention import set_attention_backend
+
 from .expert import ExpertParallelMoE
 from .group import GroupSpec, destroy_group, init_group
 from .loader import load_rank_model, parameter_bytes
@@ -28,7 +30,7 @@ _KEEP_PREPARED = 2  # the running batch's conditions and the previous set (a joi
 
 class RankWorker:
     def __init__(self, directory: str | Path, spec: GroupSpec, *, dtype: str = "float32",
-                 placement: ExpertPlacement | str | Path | None = None):
+                 placement: ExpertPlacement | str | Path | None = None, attention_backend: str | None = None):
         self.spec = spec
         self.rank, self.world_size = spec.rank, spec.world_size
         self.device = init_group(spec)
@@ -37,6 +39,8 @@ class RankWorker:
             placement = ExpertPlacement.load(placement)
         self.model, self.family = load_rank_model(directory, placement, self.rank, self.world_size,
                                                   device=self.device, dtype=self.dtype)
+        if attention_backend is not None:
+            set_attention_backend(self.model, attention_backend)
         self.layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, ExpertParallelMoE)]
         heads = self.model.config.num_attention_heads
         self._cp = ulysses_config(self.world_size, self.rank, self.device) if heads % self.world_size == 0 else None

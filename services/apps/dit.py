@@ -6,7 +6,9 @@ ingress forwards them to the VAE without ever reading them.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,9 +17,13 @@ import numpy as np
 import ray
 from ray import serve
 
+from dit_worker.parallel.placement import imbalance
+from dit_worker.parallel.proxy import parallel_engine
 from protos import dit_pb2
 from protos.tensors import ndarray_from_proto, tensor_field, tensor_to_proto
 
+from ..config import ServeConfig
+from ..dit_group import RankGroup
 from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditions, PromptConditions
 from ..local import dit_engine_config
 from ..stage_messages import denoise_job
@@ -68,10 +74,19 @@ class DiTDeployment:
         self.defaults = index.defaults
         apply_threads(self.cfg.dit.engine.cpu_threads)
         self.auth = ApiKeys.from_settings(self.cfg.ingress)  # its gRPC service, with expose_stages
-        self.stage = DiTStage.from_model_dir(index.root, dit_engine_config(self.cfg),
-                                             batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s,
-                                             publish=PublishedLatents(self.cfg.ingress.limits.request_timeout_s,
-                                                                      2 * 1024**3))
+        publish = PublishedLatents(self.cfg.ingress.limits.request_timeout_s, 2 * 1024**3)
+        self.group = _rank_group(self.cfg, index.root, self.family)
+        if self.group is None:
+            self.stage = DiTStage.from_model_dir(index.root, dit_engine_config(self.cfg),
+                                                 batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s,
+                                                 publish=publish)
+        else:  # the engine runs here on CPU tensors; the ranks hold the model
+            engine_cfg = dataclasses.replace(dit_engine_config(self.cfg), device="cpu")
+            parallel = self.cfg.dit.engine.parallel
+            engine = parallel_engine(index.root / "dit", engine_cfg, self.group, world_size=parallel.size,
+                                     mode=parallel.mode)
+            self.stage = DiTStage(engine, max_batch_requests=max(1, engine_cfg.max_batch_rows // 2),
+                                  batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s, publish=publish)
         self.metrics = StageMetrics("dit", self.model)
         self.step_time = serve.metrics.Histogram(
             "mammoth_denoise_step_seconds", description="wall time of one denoising step of a request",
@@ -81,6 +96,16 @@ class DiTDeployment:
             tag_keys=("model", "expert"))
         self.batch_size = serve.metrics.Gauge("mammoth_dit_batch_size", description="requests in the running batch",
                                               tag_keys=("model",))
+        self.expert_imbalance = serve.metrics.Gauge(
+            "mammoth_expert_load_imbalance", description="max/mean tokens per expert in the last step (all layers)",
+            tag_keys=("model",))
+        self.rank_imbalance = serve.metrics.Gauge(
+            "mammoth_dit_rank_load_imbalance", description="max/mean expert rows per rank in the last step",
+            tag_keys=("model",))
+        self.rank_tokens = serve.metrics.Counter(
+            "mammoth_dit_rank_tokens_total", description="expert rows each rank of the DiT group ran",
+            tag_keys=("model", "rank"))
+        self._layer_totals: dict[str, list[int]] = {}
 
     async def denoise(self, request: dit_pb2.DenoiseRequest, conditions: ImageConditions | PromptConditions,
                       *media: EncodedMedia) -> AsyncIterator[DenoiseStepEvent | DenoiseDone]:
@@ -98,21 +123,55 @@ class DiTDeployment:
                     self.batch_size.set(self.stage.last_batch_size, tags=tags)
                 last = now
                 yield event
-            self._record_expert_load()
+            await asyncio.to_thread(self._record_expert_load)
 
-    def stats(self) -> dict[str, int]:
-        """Load of this replica (for tests and debugging): batches run, requests in the engine."""
-        return {"batches_run": self.stage.batches_run, "last_batch_size": self.stage.last_batch_size,
-                "active_requests": self.stage.active_requests}
+    def stats(self) -> dict[str, Any]:
+        """Load of this replica (for tests and debugging): batches run, requests in the engine,
+        and the rank group (size, generation, pids) when the DiT is parallel."""
+        stats: dict[str, Any] = {"batches_run": self.stage.batches_run, "last_batch_size": self.stage.last_batch_size,
+                                 "active_requests": self.stage.active_requests}
+        if self.group is not None:
+            stats["group"] = self.group.describe()
+        return stats
+
+    async def check_health(self) -> None:
+        """Serve's probe: the batching loop is alive and the engine (every rank) answers."""
+        await asyncio.to_thread(self.stage.check_health)
+
+    def expert_metrics(self) -> dict[str, Any]:
+        """Per-layer tokens per expert since start (what ``mammoth dit placement --from-metrics``
+        reads): the group counts every step; a single process sums the last step of each request."""
+        counts = self._layer_totals
+        if self.group is not None:
+            counts = self.stage.engine.model.stats()["total_expert_counts"]
+        return {"model": self.model, "expert_counts": counts}
 
     def _record_expert_load(self) -> None:
-        load = self.stage.engine.expert_load()
+        """Runs in a thread: with a group, the counts come from rank 0."""
+        tags = {"model": self.model}
+        if self.group is not None:
+            stats = self.stage.engine.model.stats()
+            load, ranks = stats["expert_counts"], stats["rank_tokens"]
+            for rank, count in enumerate(ranks):
+                self.rank_tokens.inc(count, tags={**tags, "rank": str(rank)})
+            self.rank_imbalance.set(imbalance(ranks), tags=tags)
+        else:
+            load = self.stage.engine.expert_load()
+            for name, counts in load.items():
+                totals = self._layer_totals.setdefault(name, [0] * len(counts))
+                self._layer_totals[name] = [a + b for a, b in zip(totals, counts)]
         if not load:
             return
         totals = np.sum([np.asarray(v) for v in load.values()], axis=0)
+        self.expert_imbalance.set(imbalance(totals.tolist()), tags=tags)
         for expert, count in enumerate(totals.tolist()):
             if count:
                 self.expert_tokens.inc(count, tags={"model": self.model, "expert": str(expert)})
+
+    def __del__(self) -> None:
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.shutdown()
 
     # -- gRPC: mammoth.v1.DiT (the same call, tensors read from / put into the messages) ----
     async def Denoise(self, request: dit_pb2.DenoiseRequest, grpc_context=None):  # noqa: N802
@@ -152,5 +211,32 @@ def _numpy(tensor: Any) -> np.ndarray | None:
     return tensor.numpy() if tensor is not None else None
 
 
+def _parallel_size(cfg: ServeConfig, family: str) -> int:
+    """Ranks per replica: ``dit.engine.parallel.size`` for MoE (video) models, else 1."""
+    return cfg.dit.engine.parallel.size if family == "mammoth25" else 1
+
+
+def _rank_group(cfg: ServeConfig, root: Any, family: str) -> RankGroup | None:
+    if _parallel_size(cfg, family) == 1:
+        return None
+    group = RankGroup(root / "dit", cfg.dit.engine.parallel, device=cfg.resolved_device("dit"),
+                      dtype=cfg.resolved_dtype("dit"), cpu_threads=cfg.dit.engine.cpu_threads)
+    group.start()
+    return group
+
+
 def app(args: dict[str, Any]) -> serve.Application:
-    return DiTDeployment.options(**deployment_options(config_from_args(args), "dit")).bind(args)
+    cfg = config_from_args(args)
+    options = deployment_options(cfg, "dit")
+    name = args.get("model") or next(iter(cfg.models))
+    size = _parallel_size(cfg, cfg.models[name].family()) if name in cfg.models else 1
+    if size > 1:  # bundle 0: the replica; bundle r + 1: rank r (one GPU each on cuda)
+        actor = cfg.dit.ray_actor_options
+        parallel = cfg.dit.engine.parallel
+        # the replica's custom resources too (Serve requires them in bundle 0; k8s pins groups by them)
+        replica = {"CPU": actor.num_cpus, **({"GPU": actor.num_gpus} if actor.num_gpus else {}), **actor.resources}
+        rank = {"CPU": parallel.rank_num_cpus,
+                **({"GPU": 1.0} if cfg.resolved_device("dit") == "cuda" else {})}
+        options["placement_group_bundles"] = [replica] + [rank] * size
+        options["placement_group_strategy"] = parallel.placement_strategy
+    return DiTDeployment.options(**options).bind(args)

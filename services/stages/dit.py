@@ -238,6 +238,16 @@ class DiTStage:
                    "dit_queue": max(0.0, time.perf_counter() - pending.enqueued - output.seconds)}
         return DenoiseDone(self.publish(array), tuple(array.shape), output.steps, timings)
 
+    def check_health(self) -> None:
+        """Raise if the batching loop died (not cancelled) or the engine's model does not answer
+        (a rank group pings every rank; a single in-process model has nothing to ask)."""
+        worker = self._worker
+        if worker is not None and worker.done() and not worker.cancelled() and worker.exception() is not None:
+            raise RuntimeError(f"DiT batching loop died: {worker.exception()!r}")
+        check = getattr(self.engine.model, "check_health", None)
+        if callable(check):
+            check()
+
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
