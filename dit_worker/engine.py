@@ -27,6 +27,8 @@ from mammoth_common.cpu import engine_dtype
 from .checkpoint import CONFIG_NAME, CheckpointError, load_state_into
 from .families import Family, config_class_for, family_for
 from .guidance import GuidanceChain, combine
+from .models.attention import set_attention_backend
+from .models.compilation import compile_repeated_blocks
 from .requests import ImageDenoiseRequest, VideoDenoiseRequest
 from .sampling import FlowMatchSampler
 
@@ -55,6 +57,8 @@ class DiTEngineConfig:
     max_batch_rows: int = 16  # rows (request x CFG branch) per forward; larger cohorts are chunked
     max_latent_tokens: int = 131072  # latent h*w (x frames) a single request may ask for
     max_ref_images: int = 5
+    attention_backend: str = "native"  # diffusers attention backend name (models.attention)
+    compile: bool = False  # torch.compile the repeated transformer blocks
 
 
 @dataclass
@@ -86,6 +90,9 @@ class DiTEngine:
         self.device = torch.device(self.config.device)
         self.dtype = getattr(torch, engine_dtype(self.config.dtype, self.config.device, "DiTEngineConfig.dtype"))
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        set_attention_backend(self.model, self.config.attention_backend)
+        if self.config.compile:
+            compile_repeated_blocks(self.model)
         self.family = family
         self.latent_channels = int(model.config.in_channels)
         self._aborted: set[str] = set()

@@ -40,6 +40,10 @@ EngineDevice = Literal["cpu", "cuda"]
 DType = Literal["float32", "bfloat16", "float16"]
 EngineDType = Literal["float32", "bfloat16", "float16", "auto"]  # auto: bf16 where the device runs it natively
 MiB = 1024 * 1024
+# diffusers AttentionBackendName values the DiT can run on (dit_worker.models.attention)
+DiTAttentionBackend = Literal["native", "_native_flash", "_native_efficient", "_native_cudnn", "_native_math",
+                              "flash", "flash_varlen", "_flash_3", "_flash_varlen_3", "sage", "sage_varlen",
+                              "flex", "xformers"]
 DEFAULT_PRESET = "tiny-mammoth2"
 # The embedded default serves one model of each family so every task works out of the box.
 DEFAULT_MODELS = {"image": "tiny-mammoth2", "video": "tiny-mammoth25"}
@@ -159,6 +163,10 @@ class DiTEngine(_StageEngine):
     # latent h*w (x frames) one request may ask for; 2.5's default 832x480x81 video is 32,760,
     # 1280x720x121 with the 16x Wan2.2 VAE 111,600
     max_latent_tokens: PositiveInt = 131072
+    # diffusers attention backend of both DiTs (dit_worker.models.attention): native reaches
+    # flash / memory-efficient SDPA on CUDA; *_varlen pack padded CFG rows (flash-attn / sage)
+    attention_backend: DiTAttentionBackend = "native"
+    compile: bool = False  # torch.compile the DiT's repeated blocks (each new shape compiles once)
 
 
 class VAEEngine(_StageEngine):

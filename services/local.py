@@ -51,7 +51,8 @@ def dit_engine_config(cfg: ServeConfig) -> DiTEngineConfig:
     engine = cfg.dit.engine
     return DiTEngineConfig(device=cfg.resolved_device("dit"), dtype=cfg.resolved_dtype("dit"),
                            max_batch_rows=engine.max_batch_rows, max_latent_tokens=engine.max_latent_tokens,
-                           max_ref_images=cfg.ingress.limits.max_reference_images)
+                           max_ref_images=cfg.ingress.limits.max_reference_images,
+                           attention_backend=engine.attention_backend, compile=engine.compile)
 
 
 @dataclass

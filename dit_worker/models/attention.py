@@ -30,7 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    _check_attention_backend_requirements,
+    dispatch_attention_fn,
+)
 
 DEFAULT_BACKEND = "native"
 
@@ -113,6 +117,11 @@ def set_attention_backend(model: torch.nn.Module, backend: str | None) -> int:
     """Route every DiT attention of ``model`` to ``backend`` (None = default); returns how many
     processors were set. Mirrors diffusers' ``ModelMixin.set_attention_backend``."""
     name = None if backend is None else check_backend(backend)
+    if name is not None:
+        try:  # the package a backend needs (flash-attn, sageattention...) must be importable now
+            _check_attention_backend_requirements(_BACKENDS[name])
+        except RuntimeError as error:
+            raise ValueError(f"attention backend {name!r} is not usable here: {error}") from error
     processors = _processors(model)
     for processor in processors:
         processor._attention_backend = name

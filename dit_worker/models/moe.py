@@ -15,10 +15,17 @@ Weight layout is the official one, so checkpoints load without renaming:
 ``shared_experts.weight1`` is ``[S*F_s, D]`` and ``weight2`` ``[D, S*F_s]`` (``nn.Linear``
 layout). The stacked layout feeds grouped GEMMs directly.
 
-Expert compute never loops over experts in Python: token->expert assignments are sorted once;
-each expert's first ``cap`` rows run as one ``bmm`` over an ``[E, cap]`` grid (the fastest CPU
-path) and the rows past ``cap`` of the busier experts as one ``torch._grouped_mm`` over ragged
-groups. ``cap`` minimises padding + overflow cost from the actual counts (one host sync).
+Expert compute never loops over experts in Python: token->expert assignments are sorted once.
+Two paths (``MoELayer.path``):
+
+- ``"grouped"`` (what ``"auto"`` takes on accelerators in bf16, the dtype CUDA's
+  ``torch._grouped_mm`` takes): every assignment in one
+  ``torch._grouped_mm`` over ragged groups whose ends are computed on the device -- no host
+  sync, static shapes, so CUDA graphs and full-graph ``torch.compile`` work;
+- ``"capacity"`` (what ``"auto"`` takes on CPU, where a ragged group pays a large fixed cost):
+  each expert's first ``cap`` rows run as one ``bmm`` over an ``[E, cap]`` grid and the rows past
+  ``cap`` as one grouped GEMM; ``cap`` minimises padding + overflow cost from the actual counts
+  (one host sync).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ RAGGED_COSTS: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (0.95, 48.0),
 }
 RAGGED_COSTS_DEFAULT = (1.25, 48.0)
+MOE_PATHS = ("auto", "grouped", "capacity")
 
 
 def _gelu_tanh_(h: torch.Tensor) -> torch.Tensor:
@@ -159,7 +167,9 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(hidden_size, num_experts, ffn_hidden_size)
         self.shared_experts = (SharedExperts(hidden_size, num_shared_experts, shared_ffn_hidden_size)
                                if num_shared_experts > 0 else None)
-        # Override both to force a path: (0, 0) all ragged grouped GEMM, (inf, 0) all padded bmm.
+        # "auto": "grouped" on accelerators in bf16, else "capacity" (the measured CPU cost model).
+        self.path: str = "auto"
+        # Capacity path: override both to force a split: (0, 0) all ragged, (inf, 0) all padded bmm.
         self.ragged_row_cost: float | None = None  # None: RAGGED_COSTS for the input dtype
         self.ragged_group_cost: float | None = None
         self.last_expert_counts: torch.Tensor | None = None
@@ -177,14 +187,26 @@ class MoELayer(nn.Module):
         return (row if self.ragged_row_cost is None else self.ragged_row_cost,
                 group if self.ragged_group_cost is None else self.ragged_group_cost)
 
+    def resolved_path(self, x: torch.Tensor) -> str:
+        if self.path not in MOE_PATHS:
+            raise ValueError(f"MoELayer.path must be one of {MOE_PATHS}, got {self.path!r}")
+        if self.path != "auto":
+            return self.path
+        # torch._grouped_mm on CUDA (and its fake kernel under compile) takes bf16 only.
+        return "grouped" if x.device.type != "cpu" and x.dtype == torch.bfloat16 else "capacity"
+
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         tokens, k, num_experts = x.shape[0], self.top_k, self.num_experts
         weights, indices = self.router(x)
         flat = indices.reshape(-1)  # assignment j = token j // k, its (j % k)-th choice
-        counts = torch.bincount(flat, minlength=num_experts)
+        # Not bincount: on CUDA it reads the input's max back to size its output (a host sync).
+        counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat))
         self.last_expert_counts = counts.detach()
         if tokens == 0:
             return torch.zeros_like(x)
+        if self.resolved_path(x) == "grouped":
+            return self._routed_grouped(x, weights, flat, counts)
         host_counts = counts.tolist()  # the one host sync of the layer (E integers)
         cap = choose_capacity(host_counts, *self.ragged_costs(x.dtype))
         overflow = sum(max(0, c - cap) for c in host_counts)
@@ -216,6 +238,17 @@ class MoELayer(nn.Module):
         y = y_all.index_select(0, row).view(tokens, k, -1)
         # Weighted sum over the k choices: one tiny bmm per token, accumulated in fp32 inside
         # the GEMM (an explicit fp32 copy of y costs 5x more in bf16).
+        return torch.bmm(weights.to(x.dtype).unsqueeze(1), y).squeeze(1)
+
+
+    def _routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor,
+                        counts: torch.Tensor) -> torch.Tensor:
+        """All assignments through one ragged grouped GEMM; group ends stay on the device."""
+        tokens, k = x.shape[0], self.top_k
+        order = torch.argsort(flat, stable=True)
+        ends = torch.cumsum(counts, 0).to(torch.int32)
+        y_sorted = self.experts.ragged(x.index_select(0, order // k), ends)
+        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(tokens, k, -1)
         return torch.bmm(weights.to(x.dtype).unsqueeze(1), y).squeeze(1)
 
 

@@ -183,6 +183,7 @@ class Mammoth2Prepared:
     ref_owner: torch.Tensor  # [R] long: batch row of each reference image
     ref_start: torch.Tensor  # [R] long: first prefix position of each reference image
     _scatter: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -198,6 +199,21 @@ class Mammoth2Prepared:
             r, pos = self.ref_mask.nonzero(as_tuple=True)
             self._scatter = (r, pos, self.ref_owner[r], self.ref_start[r] + pos)
         return self._scatter
+
+    def joint_key_mask(self, num_image_tokens: int) -> torch.Tensor | None:
+        """Key mask of ``[prefix | image]`` rows (None: unpadded), cached per image size, so
+        only a batch's first step reads the mask back from the device."""
+        key = ("joint", num_image_tokens)
+        if key not in self._masks:
+            ones = self.prefix_mask.new_ones(self.batch_size, num_image_tokens)
+            self._masks[key] = _attention_mask(torch.cat([self.prefix_mask, ones], 1))
+        return self._masks[key]
+
+    def ref_key_mask(self) -> torch.Tensor | None:
+        """Key mask of the reference-image rows (cached like ``joint_key_mask``)."""
+        if "ref" not in self._masks:
+            self._masks["ref"] = _attention_mask(self.ref_mask)
+        return self._masks["ref"]
 
     def select(self, indices: list[int]) -> Mammoth2Prepared:
         """Rows ``indices`` (in that order, repeats allowed), padding trimmed to the new maximum."""
@@ -256,7 +272,7 @@ class Mammoth2Prepared:
 
     def to(self, device: torch.device | str) -> Mammoth2Prepared:
         moved = {
-            f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "_scatter"
+            f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if not f.name.startswith("_")
         }
         return Mammoth2Prepared(**moved)
 
@@ -284,6 +300,8 @@ def _attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
 
 class Mammoth2Transformer(nn.Module):
     """MammothModa2 single-stream DiT (Lumina2 / OmniGen2 style) with its condition encoders."""
+
+    _repeated_blocks = ("Mammoth2Block",)  # what ``compile_repeated_blocks`` compiles
 
     def __init__(self, config: Mammoth2DiTConfig) -> None:
         super().__init__()
@@ -524,7 +542,7 @@ class Mammoth2Transformer(nn.Module):
         if prepared.num_ref_images:
             refs = prepared.ref_tokens
             ref_rope = (prepared.ref_cos, prepared.ref_sin)
-            ref_mask = _attention_mask(prepared.ref_mask)
+            ref_mask = prepared.ref_key_mask()
             ref_temb = temb[prepared.ref_owner]
             for layer in self.ref_image_refiner:
                 refs = layer(refs, ref_rope, ref_mask, ref_temb)
@@ -537,7 +555,7 @@ class Mammoth2Transformer(nn.Module):
             torch.cat([prepared.prefix_cos, img_rope[0]], dim=1),
             torch.cat([prepared.prefix_sin, img_rope[1]], dim=1),
         )
-        mask = _attention_mask(torch.cat([prepared.prefix_mask, prepared.prefix_mask.new_ones(b, img.shape[1])], 1))
+        mask = prepared.joint_key_mask(img.shape[1])
         for layer in self.layers:
             x = layer(x, rope, mask, temb)
         out = self.norm_out(x[:, n_prefix:], temb)

@@ -301,6 +301,7 @@ class Mammoth25Block(nn.Module):
 class Mammoth25Transformer(nn.Module):
     """The MammothModa2.5 DiT with a batched ``prepare`` / ``forward`` split."""
 
+    _repeated_blocks = ("Mammoth25Block",)  # what ``compile_repeated_blocks`` compiles
     # Kept in fp32 by ``.to(dtype)`` as the reference's ``_keep_in_fp32_modules`` does.
     _keep_in_fp32_modules = ("time_embedder", "scale_shift_table")
 
@@ -321,6 +322,7 @@ class Mammoth25Transformer(nn.Module):
         if config.enable_byt5:
             self.byt5_in = ByT5Mapper()
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layout_cache: dict[tuple, tuple] = {}
 
     # -- dtype handling ----------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -333,6 +335,7 @@ class Mammoth25Transformer(nn.Module):
                 on_meta = old.device.type == "meta" or param.device.type == "meta"
                 param.data = param.data.float() if on_meta else old.to(param.device)
         self._rope_cache = {}
+        self._layout_cache = {}
         return result
 
     @property
@@ -449,6 +452,25 @@ class Mammoth25Transformer(nn.Module):
         sin_rows = torch.cat([sin.expand(rows, -1, -1), sin_ext[index]], dim=1)
         return cos_rows.unsqueeze(2), sin_rows.unsqueeze(2)
 
+    def _row_layout(self, prepared: Mammoth25Prepared, grid: tuple[int, int, int], n_video: int,
+                    device: torch.device) -> tuple:
+        """(RoPE, key mask ``[B, S]`` or None, flat indices of real tokens or None) of a batch
+        layout, built from the host-side lengths and cached: the per-step forward reads no value
+        back from the device (no host sync)."""
+        width = prepared.extra.shape[1]
+        key = (grid, tuple(prepared.source_lens), tuple(prepared.extra_lens), width, str(device))
+        if key not in self._layout_cache:
+            if len(self._layout_cache) > 32:
+                self._layout_cache.clear()
+            lens = [n_video + e for e in prepared.extra_lens]
+            key_mask = valid = None
+            if min(lens) < n_video + width:
+                mask = torch.arange(n_video + width) < torch.tensor(lens).unsqueeze(1)  # [B, S], on the host
+                key_mask = mask.to(device)
+                valid = mask.reshape(-1).nonzero().squeeze(1).to(device)
+            self._layout_cache[key] = (self._row_rope(prepared, grid, device), key_mask, valid)
+        return self._layout_cache[key]
+
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prepared: Mammoth25Prepared) -> torch.Tensor:
         """``latents [B, C, F, H, W]``, ``timestep [B]`` (sigma x 1000) -> velocity, same shape."""
         batch = latents.shape[0]
@@ -464,14 +486,7 @@ class Mammoth25Transformer(nn.Module):
                 raise ValueError(f"source video grid {g} differs from the latents' grid {grid}")
         n_video = video.shape[1]
         x = torch.cat([video, prepared.extra.to(dtype)], dim=1) if prepared.extra.shape[1] else video
-        seq = x.shape[1]
-        lens = torch.tensor([n_video + e for e in prepared.extra_lens], device=device)
-        key_mask = valid = None
-        if int(lens.min()) < seq:
-            mask = torch.arange(seq, device=device) < lens.unsqueeze(1)  # [B, S]
-            key_mask = mask
-            valid = mask.reshape(-1).nonzero().squeeze(1)
-        rope = self._row_rope(prepared, grid, device)
+        rope, key_mask, valid = self._row_layout(prepared, grid, n_video, device)
         temb, modulation = self.condition_embedder(timestep, dtype)
         for block in self.blocks:
             x = block(x, modulation, rope, key_mask, valid)
