@@ -65,7 +65,8 @@ class ApiKeys:
             keys += [k.strip() for k in environ[ingress.api_keys_env].split(",") if k.strip()]
         return cls(keys, enabled=ingress.auth_enabled)
 
-    def check(self, key: str | None) -> None:
+    def check(self, key: str | bytes | None) -> None:
+        """``key``: text, or the raw bytes of an HTTP header (a non-ASCII key arrives as UTF-8)."""
         if not self.enabled:
             return
         digest = _digest(key or "")
@@ -78,12 +79,15 @@ class ApiKeys:
         self.check(grpc_key(grpc_context))
 
     def check_headers(self, headers: Any) -> None:
-        """``headers``: a case-insensitive mapping (Starlette ``Headers``)."""
-        self.check(_bearer(headers.get("authorization")) or headers.get("x-api-key"))
+        """``headers``: a case-insensitive mapping (Starlette ``Headers``, whose text is latin-1 of
+        the raw bytes: encoded back, so a UTF-8 key on the wire matches the configured one)."""
+        key = _bearer(headers.get("authorization")) or headers.get("x-api-key")
+        self.check(key.encode("latin-1", "replace") if key else None)
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+def _digest(key: str | bytes) -> bytes:
+    raw = key if isinstance(key, bytes) else key.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw).digest()
 
 
 def _bearer(value: str | None) -> str | None:

@@ -241,3 +241,13 @@ def test_stage_services_treat_tensor_value_errors_as_the_callers():
     error = classify(ValueError("latents: negative dimension"), field_value_errors=True)
     assert error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT and error.message.startswith("latents")
     assert classify(RuntimeError("x"), field_value_errors=True).grpc_code == grpc.StatusCode.INTERNAL
+
+
+def test_a_non_ascii_key_matches_from_raw_http_header_bytes():
+    from starlette.datastructures import Headers
+
+    keys = ApiKeys(["ключ"], enabled=True)
+    raw = Headers(raw=[(b"authorization", "Bearer ключ".encode())])  # what a server hands over
+    keys.check_headers(raw)
+    with pytest.raises(Unauthenticated):
+        keys.check_headers(Headers(raw=[(b"authorization", "Bearer ключь".encode())]))
