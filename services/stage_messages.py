@@ -234,9 +234,9 @@ def denoise_job(request: dit_pb2.DenoiseRequest, family: str, defaults: dict[str
             raise InvalidArgument(name, f"must be a multiple of the patch size {patch}, got {value}")
     max_latent_frames = (limits.max_frames - 1) // TEMPORAL_COMPRESSION + 1
     check_int("latent_frames", request.latent_frames, 0, 1 if family == "mammoth2" else max_latent_frames)
-    tokens = request.latent_height * request.latent_width * max(request.latent_frames, 1) // (patch * patch)
-    if max_latent_tokens is not None and tokens > max_latent_tokens:
-        raise InvalidArgument("latent_height", f"{tokens} latent tokens exceed the limit {max_latent_tokens}")
+    positions = request.latent_height * request.latent_width * max(request.latent_frames, 1)  # as the engine counts
+    if max_latent_tokens is not None and positions > max_latent_tokens:
+        raise InvalidArgument("latent_height", f"{positions} latent positions exceed the limit {max_latent_tokens}")
     steps = check_int("steps", request.steps or defaults.get("steps", 50), 1, limits.max_steps)
     if len(request.sigmas) > limits.max_steps:
         raise InvalidArgument("sigmas", f"{len(request.sigmas)} values exceed the limit {limits.max_steps}")

@@ -199,12 +199,11 @@ class IngressDeployment:
 
     def _check_latent_tokens(self, job: ImageJob | VideoJob) -> None:
         """The DiT's own bound, checked here so a too-large size is the client's 422, not a stage error."""
-        patch = max(job.multiple // job.spatial, 1)
         frames = job.latent_frames if isinstance(job, VideoJob) else 1
-        tokens = job.latent_height * job.latent_width * frames // (patch * patch)
+        positions = job.latent_height * job.latent_width * frames  # counted like the engine does
         limit = self.cfg.dit.engine.max_latent_tokens
-        if tokens > limit:
-            raise InvalidArgument("width", f"{job.width}x{job.height} needs {tokens} latent tokens, over the "
+        if positions > limit:
+            raise InvalidArgument("width", f"{job.width}x{job.height} needs {positions} latent positions, over the "
                                   f"limit {limit}")
 
     def _image_flow(self, msg: Any, *, edit: bool) -> AsyncIterator[flows.Event]:

@@ -152,7 +152,7 @@ def test_denoise_requests_are_checked_against_the_limits(fields, field):
 
 
 def test_denoise_latent_tokens_bound_and_defaults_when_no_limits_are_given():
-    with pytest.raises(InvalidArgument, match="latent tokens"):
+    with pytest.raises(InvalidArgument, match="latent positions"):
         messages.denoise_job(_denoise(latent_height=32, latent_width=32), "mammoth2", IMAGE, LIMITS,
                              max_latent_tokens=100)
     with pytest.raises(InvalidArgument, match="steps"):  # without a config the engine's bounds apply
