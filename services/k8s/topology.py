@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..config import ActorOptions, DeploymentSettings, K8sGroup, ServeConfig
+from ..config import DeploymentSettings, K8sGroup, ServeConfig
 
 STAGE_GROUPS = ("planner", "dit", "vae")
 HEAD = "head"
@@ -26,25 +27,45 @@ def group_resource(group: str) -> str:
 
 
 def dit_parallel_size(cfg: ServeConfig) -> int:
-    """Ranks in one DiT replica (``dit.engine.parallel.size``; 1 on configs without the field)."""
+    """Ranks in the largest DiT replica: ``dit.engine.parallel.size`` when a MoE (video) model is
+    served (image DiTs stay one process), 1 on configs without the field."""
     parallel = getattr(cfg.dit.engine, "parallel", None)
-    return int(getattr(parallel, "size", 1) or 1)
+    size = int(getattr(parallel, "size", 1) or 1)
+    if size > 1 and all(_family(m) == "mammoth2" for m in cfg.models.values()):
+        return 1
+    return size
+
+
+def _family(model: Any) -> str | None:
+    try:
+        return model.family()
+    except (OSError, ValueError):  # a model path not readable here: assume it may be MoE
+        return None
 
 
 def replica_gpus(cfg: ServeConfig, stage: str) -> float:
     """GPUs one replica of ``stage`` holds, its worker ranks included.
 
-    The planner runs vLLM's tensor-parallel ranks inside the replica; a DiT replica is a group
-    of ``parallel.size`` ranks (a placement group of that many GPU bundles) that must fit on
-    one node."""
+    The planner runs vLLM's tensor-parallel ranks inside the replica. A parallel DiT replica is
+    a STRICT_PACK placement group: the replica's own bundle plus one bundle (one GPU) per rank,
+    so the whole group must fit on one node."""
     gpus = getattr(cfg, stage).ray_actor_options.num_gpus
-    if gpus == 0:
+    if cfg.resolved_device(stage) != "cuda":
         return 0.0
     if stage == "planner":
         return max(gpus, float(cfg.planner.engine.tensor_parallel_size))
-    if stage == "dit":
-        return gpus * dit_parallel_size(cfg)
+    if stage == "dit" and dit_parallel_size(cfg) > 1:
+        return gpus + dit_parallel_size(cfg)
     return gpus
+
+
+def replica_cpus(cfg: ServeConfig, stage: str) -> float:
+    """Ray CPUs one replica of ``stage`` holds (a parallel DiT: its rank actors' too)."""
+    cpus = getattr(cfg, stage).ray_actor_options.num_cpus
+    size = dit_parallel_size(cfg) if stage == "dit" else 1
+    if size > 1:
+        cpus += size * getattr(getattr(cfg.dit.engine, "parallel", None), "rank_num_cpus", 0.0)
+    return cpus
 
 
 def replica_bounds(cfg: ServeConfig, section: DeploymentSettings, copies: int) -> tuple[int, int]:
@@ -74,12 +95,12 @@ class GroupShape:
         return group_resource(self.name)
 
 
-def _per_pod(opts: ActorOptions, gpus_each: float, pod_cpus: int, pod_gpus: int) -> int:
+def _per_pod(cpus_each: float, gpus_each: float, pod_cpus: int, pod_gpus: int) -> int:
     fits = []
     if gpus_each > 0:
         fits.append(math.floor(pod_gpus / gpus_each + 1e-9))
-    if opts.num_cpus > 0:
-        fits.append(math.floor(pod_cpus / opts.num_cpus + 1e-9))
+    if cpus_each > 0:
+        fits.append(math.floor(pod_cpus / cpus_each + 1e-9))
     return min(fits) if fits else 0
 
 
@@ -87,8 +108,7 @@ def stage_group(cfg: ServeConfig, stage: str) -> GroupShape:
     """The worker group of one stage kind; errors name the ``k8s.<stage>`` field that does not fit."""
     section: DeploymentSettings = getattr(cfg, stage)
     settings: K8sGroup = getattr(cfg.k8s, stage)
-    opts = section.ray_actor_options
-    gpus_each = replica_gpus(cfg, stage)
+    gpus_each, cpus_each = replica_gpus(cfg, stage), replica_cpus(cfg, stage)
     lo, hi = replica_bounds(cfg, section, len(cfg.models))
     pod_gpus = settings.gpus if settings.gpus is not None else math.ceil(gpus_each - 1e-9)
     if gpus_each > 0 and pod_gpus < gpus_each:
@@ -97,13 +117,13 @@ def stage_group(cfg: ServeConfig, stage: str) -> GroupShape:
     if settings.cpus is not None:
         pod_cpus = settings.cpus
     elif gpus_each > 0:  # as many replicas as the GPUs hold, with the CPUs they ask for
-        pod_cpus = max(1, math.ceil(math.floor(pod_gpus / gpus_each + 1e-9) * opts.num_cpus - 1e-9))
+        pod_cpus = max(1, math.ceil(math.floor(pod_gpus / gpus_each + 1e-9) * cpus_each - 1e-9))
     else:  # CPU only: one pod holds every replica of the kind
-        pod_cpus = max(1, math.ceil(hi * opts.num_cpus - 1e-9))
-    per_pod = _per_pod(opts, gpus_each, pod_cpus, pod_gpus)
+        pod_cpus = max(1, math.ceil(hi * cpus_each - 1e-9))
+    per_pod = _per_pod(cpus_each, gpus_each, pod_cpus, pod_gpus)
     if per_pod < 1:
         raise ValueError(f"k8s.{stage}.cpus: {pod_cpus} CPUs per pod cannot hold one {stage} replica "
-                         f"({opts.num_cpus:g} CPUs)")
+                         f"({cpus_each:g} CPUs with its ranks)")
     return GroupShape(name=stage, cpus=pod_cpus, gpus=pod_gpus, memory=settings.memory, replicas_per_pod=per_pod,
                       min_pods=math.ceil(lo / per_pod), max_pods=max(1, math.ceil(hi / per_pod)),
                       settings=settings, ray_resources={group_resource(stage): per_pod})
@@ -114,7 +134,7 @@ def head_group(cfg: ServeConfig) -> GroupShape:
     settings = cfg.k8s.head
     lo, hi = replica_bounds(cfg, cfg.ingress, 1)
     cpus = settings.cpus if settings.cpus is not None else max(1, math.ceil(hi * cfg.ingress.ray_actor_options.num_cpus))
-    per_pod = _per_pod(cfg.ingress.ray_actor_options, 0.0, cpus, 0)
+    per_pod = _per_pod(cfg.ingress.ray_actor_options.num_cpus, 0.0, cpus, 0)
     if per_pod < hi:
         raise ValueError(f"k8s.head.cpus: {cpus} CPUs cannot hold {hi} ingress replicas "
                          f"({cfg.ingress.ray_actor_options.num_cpus:g} CPUs each)")

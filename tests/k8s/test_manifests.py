@@ -164,10 +164,11 @@ def test_dit_pods_fit_the_parallel_group(monkeypatch):
     else:
         monkeypatch.setattr("services.k8s.topology.dit_parallel_size", lambda _cfg: 4)
     shape = stage_group(cfg, "dit")
-    assert shape.gpus == 4 and shape.replicas_per_pod == 1
+    # STRICT_PACK placement group: the replica's bundle plus one GPU per rank, all on one pod
+    assert shape.gpus == cfg.dit.ray_actor_options.num_gpus + 4 and shape.replicas_per_pod == 1
     assert shape.max_pods == cfg.dit.autoscaling.max_replicas * len(cfg.models)
     too_small = cfg.model_copy(update={"k8s": cfg.k8s.model_copy(update={
-        "dit": cfg.k8s.dit.model_copy(update={"gpus": 2})})})
+        "dit": cfg.k8s.dit.model_copy(update={"gpus": 4})})})
     with pytest.raises(ValueError, match=r"k8s\.dit\.gpus"):
         stage_group(too_small, "dit")
 
