@@ -182,13 +182,15 @@ class IngressDeployment:
         return _ForwardToASGI(self.http)
 
     async def check_health(self) -> None:
-        """Serve's probe of this replica: the shared job store must answer (it is re-created
-        when it died, so a lost store costs its jobs, not the ingress)."""
+        """Serve's probe of this replica (it answers, so its event loop runs). The shared job
+        store is pinged too: a dead one is re-created (losing its jobs, not the ingress); a slow
+        one (still starting on a busy node) is no reason to replace the ingress."""
         try:
             await asyncio.wait_for(self.jobs.counts.remote(), self.cfg.ingress.health_timeout_s)
-        except Exception:  # noqa: BLE001 - re-acquire once, then report
+        except TimeoutError:
+            return
+        except Exception:  # noqa: BLE001 - the actor died: the next job goes to a new store
             self.jobs = store_actor(self.cfg.ingress.video_jobs, self._job_deadline_s)
-            await asyncio.wait_for(self.jobs.counts.remote(), self.cfg.ingress.health_timeout_s)
 
     # -- shared ------------------------------------------------------------------------------
     def _family_stages(self, family: str, field_name: str = "model") -> RayStages:
