@@ -51,12 +51,16 @@ async def _engine_figures(model_dir: Path, h: int, w: int, repeats: int, full_lo
             "batch8": (8, dict(cfg_scale=1.0)),
             "batch8_no_export": (8, dict(cfg_scale=1.0, export_hidden=False)),
             "batch1_cfg": (1, dict(cfg_scale=7.0)),
+            "batch8_cfg": (8, dict(cfg_scale=7.0)),
         }
         if full_logits:
             cases = {k: v for k, v in cases.items() if k in ("batch1_no_export", "batch8_no_export")}
         for name, (n, kw) in cases.items():
             best = min([await _plans(engine, n, h, w, **kw) for _ in range(repeats)])
             out[f"{name}_tok_s"] = round(n * tokens / best, 1)
+        # AR-CFG pairs that fell out of step (and were repaired) during the run: 0 is the aim.
+        out["cfg_desyncs"] = int(engine.stats["cfg_desyncs"])
+        out["cfg_failures"] = int(engine.stats["cfg_failures"])
     finally:
         await engine.shutdown()
     return out
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_batch1_vs_reference": round(vllm["batch1_tok_s"] / ref1, 2),
         "ratio_batch8_vs_reference": round(vllm["batch8_tok_s"] / ref1, 2),
         "ratio_cfg_batch1_vs_reference_cfg": round(vllm["batch1_cfg_tok_s"] / ref_cfg, 2),
+        "ratio_cfg_batch8_vs_reference_cfg": round(vllm["batch8_cfg_tok_s"] / ref_cfg, 2),
         "export_cost_batch1_ratio": round(vllm["batch1_tok_s"] / vllm["batch1_no_export_tok_s"], 3),
         "export_cost_batch8_ratio": round(vllm["batch8_tok_s"] / vllm["batch8_no_export_tok_s"], 3),
         "note": "reference = official-style loop (full logits, one request after another); "

@@ -7,10 +7,13 @@ Modules, one job each:
 * ``presets``       -- ``stage_config`` / ``count_parameters`` / ``write_random_checkpoint``.
 * ``model``         -- the vLLM model (``gen_mlp`` routing on every path, ``[lm_head | gen_head]``,
   grid rows compute only ``gen_head``, hidden-state capture in the generating pass).
-* ``logits``        -- vLLM v1 logits processor: visual grid, EOL forcing, in-batch AR-CFG.
-* ``runtime``       -- worker-side state shared by the two above; shared-memory export.
-* ``engine``        -- ``PlannerEngine`` on ``AsyncLLM``: ``plan_image``, ``encode_prompt``,
-  ``understand``, cancellation, shutdown.
+* ``guidance``      -- visual grid, EOL forcing, in-batch AR-CFG, out-of-step detection: the math.
+* ``logits``        -- Model Runner V1 logits processor on ``guidance``.
+* ``logits_v2``     -- Model Runner V2 logits processor on ``guidance``.
+* ``runtime``       -- worker-side state shared by the model and the V1 processor; accounted
+  shared-memory export.
+* ``engine``        -- ``PlannerEngine`` on ``AsyncLLM``: ``plan_image`` (with pair repair),
+  ``encode_prompt``, ``understand``, health, cancellation, shutdown.
 * ``reference``     -- pure-PyTorch reference forward / generate (tests, benchmark).
 * ``plugin``        -- the ``vllm.general_plugins`` entry point.
 """

@@ -1,15 +1,23 @@
 """Async planner engine on vLLM's ``AsyncLLM``: planning, prompt encoding, understanding.
 
-Hidden states leave the engine through one POSIX shared-memory block per request (created and
-unlinked here, written by the model in the worker; see ``runtime``), never through files or a
-second LLM pass. AR-CFG runs the conditional and unconditional sequences as two requests in the
-same vLLM batch; ``logits.MammothLogitsProcessor`` pairs them and samples once for both. Both
-are admitted while the scheduler is paused so they enter the same step.
+Hidden states leave the engine through one POSIX shared-memory block per request (created,
+checked and unlinked here, written by the model in the worker; see ``runtime``), never through
+files or a second LLM pass; every row read must have been written exactly once.
+
+AR-CFG runs the conditional and unconditional sequences as two requests in the same vLLM batch;
+the logits processor (``logits`` for Model Runner V1, ``logits_v2`` for V2, both on
+``guidance``) pairs them and samples once for both. Both are admitted during one short,
+bounded, cancel-safe scheduler pause so they start in the same step, and the engine never puts
+more sequences in flight than ``max_num_seqs`` so a pair is never cut by it. A pair that still
+falls out of step (preemption, chunked prefill) stops at the first position it could not guide
+and is resubmitted with its guided prefix in both prompts (``max_cfg_repairs`` times), or fails
+with ``GuidanceError``; ``stats`` counts each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -27,13 +35,31 @@ import numpy as np
 import torch
 
 from dit_worker.checkpoint import DataclassConfig
-from mammoth_common.cpu import engine_dtype
 
 from .presets import DEFAULT_CONDITION_LAYERS
-from .runtime import EXTRA_KEY
+from .runtime import EXTRA_KEY, block_bytes, block_views
 from .tokens import TokenLayout
 
 logger = logging.getLogger(__name__)
+
+
+PROCESSORS = {  # model runner -> the logits processor implementing its interface
+    "v1": "planner.logits:MammothLogitsProcessor",
+    "v2": "planner.logits_v2:MammothLogitsProcessorV2",
+}
+EAGER_ONLY = (
+    "enforce_eager=False is not supported by the planner: its text model routes tokens to the "
+    "generation experts by id, reads the batch layout and writes hidden states to shared memory "
+    "inside forward(), which torch.compile / CUDA graphs cannot capture; set enforce_eager: true"
+)
+
+
+class GuidanceError(RuntimeError):
+    """An AR-CFG pair fell out of step and could not be repaired (no unguided image is returned)."""
+
+
+class ExportError(RuntimeError):
+    """The hidden-state export of a request is incomplete (rows never written)."""
 
 
 @dataclass
@@ -47,7 +73,13 @@ class PlannerConfig(DataclassConfig):
     max_model_len: int = 4096
     max_num_seqs: int = 16
     max_num_batched_tokens: int | None = None
-    enforce_eager: bool = True
+    enforce_eager: bool = True  # must stay True (EAGER_ONLY)
+    # "v1": hidden-state export + grid-only logits; "v2" (vLLM's default on GPU): planning and
+    # AR-CFG, no hidden-state export (requests that need it are refused).
+    model_runner: str = "v1"
+    enable_prefix_caching: bool = True  # capturing requests opt out per request
+    block_size: int | None = None  # KV block size (None: vLLM's default)
+    num_kv_blocks: int | None = None  # override the KV-cache block count (tests: force preemption)
     # CPU
     kv_cache_gib: float = 2.0  # VLLM_CPU_KVCACHE_SPACE
     cpu_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND ("auto", "0-3", "nobind")
@@ -55,6 +87,11 @@ class PlannerConfig(DataclassConfig):
     # GPU
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
+    # serving behaviour
+    max_cfg_repairs: int = 4  # resubmissions of a desynchronised AR-CFG pair before it fails
+    admission_timeout_s: float = 10.0  # bound on the scheduler pause that admits a pair
+    negative_cache_size: int = 64  # distinct negative prompts whose condition is kept (LRU)
+    health_timeout_s: float = 10.0  # check_health: the engine core must answer within this
     # model behaviour
     condition_layers: tuple[int, ...] = tuple(DEFAULT_CONDITION_LAYERS)
     uncond_prompt_tokens: int = 10  # official: the CFG branch keeps only the last 10 prompt tokens
@@ -64,22 +101,38 @@ class PlannerConfig(DataclassConfig):
     limit_images: int = 5
     limit_videos: int = 1
 
+    def __post_init__(self) -> None:
+        if not self.enforce_eager:
+            raise ValueError(EAGER_ONLY)
+        if self.model_runner not in PROCESSORS:
+            raise ValueError(f"model_runner must be one of {sorted(PROCESSORS)}, got {self.model_runner!r}")
+        for name in ("max_cfg_repairs", "negative_cache_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("admission_timeout_s", "health_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
     def engine_args(self) -> dict[str, Any]:
         args: dict[str, Any] = dict(
             model=self.model,
-            dtype=engine_dtype(self.dtype, "cpu", "PlannerConfig.dtype") if self.device == "cpu" else self.dtype,
+            dtype=self.dtype,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             enforce_eager=self.enforce_eager,
-            enable_prefix_caching=False,  # every prompt token must pass the model (hidden states)
-            logits_processors=["planner.logits:MammothLogitsProcessor"],
+            enable_prefix_caching=self.enable_prefix_caching,
             limit_mm_per_prompt={"image": self.limit_images, "video": self.limit_videos},
             tensor_parallel_size=self.tensor_parallel_size,
             async_scheduling=False,
             disable_log_stats=True,
         )
-        # A whole prompt fits in one step: pairs start together and prompts are not chunked.
+        # Whole prompts usually fit one step (pairs then start together); smaller budgets chunk
+        # prefills, which the pair repair handles.
         args["max_num_batched_tokens"] = self.max_num_batched_tokens or max(8192, 2 * self.max_model_len)
+        if self.block_size:
+            args["block_size"] = self.block_size
+        if self.num_kv_blocks:
+            args["num_gpu_blocks_override"] = self.num_kv_blocks
         if self.device != "cpu":
             args["gpu_memory_utilization"] = self.gpu_memory_utilization
         return args
@@ -92,6 +145,7 @@ class PlannerConfig(DataclassConfig):
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_threads_bind
         if self.disable_multiprocessing:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if self.model_runner == "v2" else "0"
 
 
 @dataclass
@@ -113,16 +167,37 @@ class PlanResult:
 
 
 class _SharedRows:
-    """A [rows, dim] float32 block in POSIX shared memory, owned by this process."""
+    """A [rows, dim] float32 block (+ per-row write counts) in POSIX shared memory, owned here."""
 
     def __init__(self, rows: int, dim: int):
         self.rows, self.dim = rows, dim
-        self.shm = shared_memory.SharedMemory(create=True, size=max(rows * dim * 4, 4))
+        self.shm = shared_memory.SharedMemory(create=True, size=block_bytes(rows, dim))
         self.name = self.shm.name
+        _, counts = block_views(self.shm.buf, rows, dim)
+        counts[:] = 0
+        del counts
 
     def read(self, n: int) -> torch.Tensor:
-        arr = np.ndarray((self.rows, self.dim), dtype=np.float32, buffer=self.shm.buf)
-        return torch.from_numpy(arr[:n].copy())
+        """Rows ``[0, n)``, each of which must have been written exactly once."""
+        data, counts = block_views(self.shm.buf, self.rows, self.dim)
+        try:
+            bad = np.flatnonzero(counts[:n] != 1)
+            if n > self.rows or bad.size:
+                raise ExportError(
+                    f"hidden-state export incomplete: {bad.size + max(n - self.rows, 0)} of {n} rows not written "
+                    f"exactly once (first: {bad[:8].tolist()})")
+            return data[:n].clone()
+        finally:
+            del data, counts
+
+    def written_prefix(self) -> int:
+        """How many leading rows are written (a repaired attempt may read those from the cache)."""
+        _, counts = block_views(self.shm.buf, self.rows, self.dim)
+        try:
+            unwritten = np.flatnonzero(counts != 1)
+            return int(unwritten[0]) if unwritten.size else self.rows
+        finally:
+            del counts
 
     def free(self) -> None:
         if self.shm is None:
@@ -137,6 +212,40 @@ class _SharedRows:
             self.shm = None
 
 
+class _SeqSlots:
+    """Sequences in flight, at most ``max_num_seqs``: vLLM's scheduler then never has to leave
+    one member of an AR-CFG pair waiting for a free sequence slot. Acquire is all-or-nothing."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.free = capacity
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        if n > self.capacity:
+            raise ValueError(f"a request needing {n} sequences cannot run with max_num_seqs={self.capacity}")
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.free += n
+            self._cond.notify_all()
+
+
+class _Slot:
+    def __init__(self, slots: _SeqSlots, n: int):
+        self.slots, self.n = slots, n
+
+    async def __aenter__(self):
+        await self.slots.acquire(self.n)
+        return self
+
+    async def __aexit__(self, *exc):
+        await asyncio.shield(self.slots.release(self.n))
+
+
 def _clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -146,13 +255,18 @@ class PlannerEngine:
         self.config = config
         self.llm = None
         self.tokenizer = None
+        self.vllm_config = None
         self._ids = itertools.count()
-        self._neg_cache: dict[str, asyncio.Future] = {}
+        self._neg_cache: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
         self._admit_lock = asyncio.Lock()
+        self._slots = _SeqSlots(config.max_num_seqs)
         self._live_blocks: set[_SharedRows] = set()
         self.hidden_size = 0
         self.layout = TokenLayout()
         self.num_layers = 0
+        # cfg_desyncs: pairs that fell out of step; cfg_repairs: resubmissions; cfg_failures:
+        # requests failed with GuidanceError; export_errors: incomplete hidden-state exports.
+        self.stats: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> PlannerEngine:
@@ -169,10 +283,36 @@ class PlannerEngine:
         self.num_layers = int(text["num_hidden_layers"])
         self.layout = TokenLayout(int(hf.get("gen_vocab_start_index", 152064)), int(hf.get("gen_vocab_size", 32800)))
         args = AsyncEngineArgs(**cfg.engine_args())
+
+        def build():
+            vllm_config = args.create_engine_config()
+            # The processor must implement the interface of the runner vLLM actually picked.
+            runner = "v2" if vllm_config.use_v2_model_runner else "v1"
+            vllm_config.model_config.logits_processors = [PROCESSORS[runner]]
+            return vllm_config, AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
+
         # Building the engine blocks for tens of seconds: keep the event loop free.
-        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self.vllm_config, self.llm = await asyncio.to_thread(build)
         self.tokenizer = self.llm.tokenizer
         return self
+
+    @property
+    def model_runner(self) -> str:
+        return "v2" if self.vllm_config is not None and self.vllm_config.use_v2_model_runner else "v1"
+
+    def _check_export(self) -> None:
+        if self.model_runner != "v1":
+            raise ExportError("hidden-state export needs Model Runner V1 (planner engine model_runner: v1)")
+
+    async def check_health(self) -> None:
+        """Raise unless the vLLM engine is alive and its core answers within ``health_timeout_s``."""
+        if self.llm is None:
+            raise RuntimeError("planner engine is not running")
+        await self.llm.check_health()  # EngineDeadError once the engine core has died
+        try:
+            await asyncio.wait_for(self.llm.engine_core.is_sleeping_async(), self.config.health_timeout_s)
+        except TimeoutError as exc:
+            raise RuntimeError(f"planner engine core did not answer within {self.config.health_timeout_s}s") from exc
 
     async def shutdown(self) -> None:
         for block in list(self._live_blocks):
@@ -229,6 +369,7 @@ class PlannerEngine:
 
     async def _capture(self, prompt: Any, layers: Sequence[int], n_prompt_hint: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """Hidden states of every prompt token (averaged over ``layers``) from one prefill."""
+        self._check_export()
         rows = self.config.max_model_len
         block = _SharedRows(rows, self.hidden_size)
         self._live_blocks.add(block)
@@ -236,26 +377,44 @@ class PlannerEngine:
         spec = {"kind": "capture", "shm": block.name, "shm_rows": rows, "hidden": self.hidden_size,
                 "layers": list(layers), "owner_pid": os.getpid()}
         try:
-            collector = await self.llm.add_request(rid, prompt, self._params(1, spec))
-            out = await self._run_to_end(collector)
+            async with _Slot(self._slots, 1):
+                # Every prompt row must be computed to be captured: no prefix-cache reads.
+                collector = await self.llm.add_request(rid, prompt, self._params(1, spec, skip_reading_prefix_cache=True))
+                try:
+                    out = await self._run_to_end(collector)
+                except asyncio.CancelledError:
+                    await asyncio.shield(self.llm.abort(rid))
+                    raise
             ids = list(out.prompt_token_ids)
-            return block.read(len(ids)), ids
-        except asyncio.CancelledError:
-            await self.llm.abort(rid)
-            raise
+            return self._read(block, len(ids)), ids
         finally:
             block.free()
             self._live_blocks.discard(block)
 
+    def _read(self, block: _SharedRows, n: int) -> torch.Tensor:
+        try:
+            return block.read(n)
+        except ExportError:
+            self.stats["export_errors"] += 1
+            raise
+
     async def negative_condition(self, negative_prompt: str) -> torch.Tensor:
-        """Averaged condition layers over ALL tokens of the negative prompt; once per distinct text."""
+        """Averaged condition layers over ALL tokens of the negative prompt; once per distinct
+        text, the last ``negative_cache_size`` distinct texts kept (LRU)."""
         fut = self._neg_cache.get(negative_prompt)
         if fut is None or (fut.done() and (fut.cancelled() or fut.exception() is not None)):
             prompt = {"prompt_token_ids": self._encode(self.negative_prompt_text(negative_prompt))}
             fut = asyncio.ensure_future(self._capture(prompt, self.config.condition_layers))
             self._neg_cache[negative_prompt] = fut
+            while len(self._neg_cache) > self.config.negative_cache_size:
+                self._neg_cache.popitem(last=False)
+        else:
+            self._neg_cache.move_to_end(negative_prompt)
         hidden, _ = await asyncio.shield(fut)
         return hidden
+
+    def negative_cache_len(self) -> int:
+        return len(self._neg_cache)
 
     async def plan_image(
         self,
@@ -278,6 +437,8 @@ class PlannerEngine:
         exists to measure the export's cost."""
         if self.config.mode != "mammoth2":
             raise RuntimeError("plan_image needs a MammothModa2 planner (mode='mammoth2')")
+        if export_hidden:
+            self._check_export()
         t0 = time.perf_counter()
         lay = self.layout
         seed = int(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -285,62 +446,78 @@ class PlannerEngine:
         text_ids = self._encode(text)
         n_uncond = self.config.uncond_prompt_tokens
         grid_len = ar_height * (ar_width + 1)
-        if reference_images:
-            cond_prompt: Any = {"prompt": text, "multi_modal_data": {"image": list(reference_images)}}
-        else:
-            cond_prompt = {"prompt_token_ids": text_ids}
         if len(text_ids) + grid_len + 2 > self.config.max_model_len:
             raise ValueError(f"prompt + {grid_len} planned tokens exceed max_model_len={self.config.max_model_len}")
+        use_cfg = cfg_scale > 1.0
+        if use_cfg and self.config.max_num_seqs < 2:
+            raise ValueError("cfg_scale > 1 needs max_num_seqs >= 2 (the pair runs as two sequences)")
         neg_task = (
             asyncio.ensure_future(self.negative_condition(negative_prompt)) if negative_prompt is not None else None
         )
         rows = self.config.max_model_len
-        block = _SharedRows(rows, self.hidden_size)
-        self._live_blocks.add(block)
-        pair = self._new_id("plan")
+        block = _SharedRows(rows, self.hidden_size) if export_hidden else None
+        if block is not None:
+            self._live_blocks.add(block)
         base = {
-            "kind": "plan", "pair": pair, "ar_height": ar_height, "ar_width": ar_width,
+            "kind": "plan", "ar_height": ar_height, "ar_width": ar_width,
             "cfg_scale": float(cfg_scale), "seed": seed, "temperature": float(temperature),
             "top_k": int(top_k), "top_p": float(top_p), "eol_id": lay.eol_id,
             "image_end_id": lay.image_end_id, "visual_start": lay.visual_start_id,
-            "num_visual": lay.num_visual_codes,
+            "num_visual": lay.num_visual_codes, "stop_id": lay.endoftext_id,
         }
-        cond_spec = {**base, "role": "cond", "shm": block.name if export_hidden else None, "shm_rows": rows, "hidden": self.hidden_size,
-                     "layers": list(self.config.condition_layers), "owner_pid": os.getpid()}
-        use_cfg = cfg_scale > 1.0
-        ids = [pair + "-c"] + ([pair + "-u"] if use_cfg else [])
+        capture = {"shm": block.name, "shm_rows": rows, "hidden": self.hidden_size,
+                   "layers": list(self.config.condition_layers), "owner_pid": os.getpid()} if block else {}
+        guided: list[int] = []  # tokens chosen with guidance by earlier (desynchronised) attempts
+        prompt_rows = 0
         try:
-            async with self._admit_lock:
-                # Paused, the scheduler queues both adds and releases them into the same step.
-                paused = use_cfg and await self._pause()
-                try:
-                    collectors = [await self.llm.add_request(ids[0], cond_prompt, self._params(grid_len + 2, cond_spec))]
-                    if use_cfg:
-                        uncond = {"prompt_token_ids": text_ids[-n_uncond:]}
-                        collectors.append(await self.llm.add_request(
-                            ids[1], uncond, self._params(grid_len + 2, {**base, "role": "uncond"})))
-                finally:
-                    if paused:
-                        await self.llm.engine_core.resume_scheduler_async()
-            t_admit = time.perf_counter()
-            outs = await asyncio.gather(*(self._run_to_end(c) for c in collectors))
+            async with _Slot(self._slots, 2 if use_cfg else 1):
+                for attempt in itertools.count():
+                    if reference_images:
+                        # Multimodal prompts restart from scratch (the processor expands them anew).
+                        guided = []
+                        cond_prompt: Any = {"prompt": text, "multi_modal_data": {"image": list(reference_images)}}
+                    else:
+                        cond_prompt = {"prompt_token_ids": text_ids + guided}
+                    uncond_prompt = {"prompt_token_ids": text_ids[-n_uncond:] + guided} if use_cfg else None
+                    spec = {**base, "pair": self._new_id("plan"), "offset": len(guided)}
+                    # A repair may read the rows an earlier attempt already exported from the
+                    # prefix cache: the pair's prefills then shrink to about one block each and
+                    # fit one step even under a small token budget (chunked prefill).
+                    known = len(text_ids) + len(guided) if not reference_images else prompt_rows
+                    reads_cache = block is None or (attempt > 0 and block.written_prefix() >= known - 1)
+                    out, stopped = await self._run_pair(spec, capture, cond_prompt, uncond_prompt,
+                                                        grid_len + 2 - len(guided), reads_cache)
+                    prompt_rows = len(out.prompt_token_ids)
+                    if stopped is None:
+                        break
+                    self.stats["cfg_desyncs"] += 1
+                    if attempt >= self.config.max_cfg_repairs:
+                        self.stats["cfg_failures"] += 1
+                        raise GuidanceError(
+                            f"AR-CFG pair fell out of step at grid position {len(guided) + stopped} "
+                            f"{attempt + 1} times (preemption or token budget); refusing an unguided plan")
+                    guided = guided + list(out.outputs[0].token_ids[:stopped])
+                    self.stats["cfg_repairs"] += 1
+                    logger.warning("AR-CFG pair out of step at grid position %d; resubmitting (repair %d)",
+                                   len(guided), attempt + 1)
             t_gen = time.perf_counter()
-            out = outs[0]
-            prompt_ids = list(out.prompt_token_ids)
-            generated = list(out.outputs[0].token_ids)
+            full = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
+            prompt_len = len(full) - len(out.outputs[0].token_ids) - len(guided)
+            prompt_ids = full[:prompt_len]
+            generated = full[prompt_len:]
             if len(generated) < grid_len + 1:
                 raise RuntimeError(f"planning stopped early ({len(generated)} of {grid_len} tokens)")
             visual = torch.tensor(generated[:grid_len], dtype=torch.long)
             seq = torch.tensor(prompt_ids + generated[: grid_len + 1], dtype=torch.long)
-            hidden = block.read(seq.numel()) if export_hidden else torch.zeros(seq.numel(), self.hidden_size)
-        except asyncio.CancelledError:
-            await self.llm.abort(ids)
+            hidden = self._read(block, seq.numel()) if block is not None else torch.zeros(seq.numel(), self.hidden_size)
+        except BaseException:
             if neg_task is not None:
                 neg_task.cancel()
             raise
         finally:
-            block.free()
-            self._live_blocks.discard(block)
+            if block is not None:
+                block.free()
+                self._live_blocks.discard(block)
         text_cond, image_cond = self.split_condition(seq, hidden, len(prompt_ids))
         negative = await neg_task if neg_task is not None else None
         t_end = time.perf_counter()
@@ -352,17 +529,70 @@ class PlannerEngine:
             prompt_token_ids=prompt_ids,
             ar_height=ar_height,
             ar_width=ar_width,
-            timings={"admit_s": t_admit - t0, "generate_s": t_gen - t_admit, "total_s": t_end - t0},
-            token_counts={"prompt": len(prompt_ids), "generated": grid_len, "uncond_prompt": n_uncond if use_cfg else 0},
+            timings={"generate_s": t_gen - t0, "total_s": t_end - t0},
+            token_counts={"prompt": len(prompt_ids), "generated": grid_len, "uncond_prompt": n_uncond if use_cfg else 0,
+                          "guided_prefix": len(guided)},
         )
 
-    async def _pause(self) -> bool:
+    async def _run_pair(self, spec: dict, capture: dict, cond_prompt: Any, uncond_prompt: Any | None,
+                        max_tokens: int, cond_reads_cache: bool) -> tuple[Any, int | None]:
+        """Run one attempt of a plan; returns the conditional output and, when the pair fell out
+        of step, the output position where both stopped (else ``None``)."""
+        stop = [int(spec["stop_id"])]
+        ids = [spec["pair"] + "-c"] + ([spec["pair"] + "-u"] if uncond_prompt is not None else [])
+        cond_params = self._params(max_tokens, {**spec, "role": "cond", **capture}, stop_token_ids=stop,
+                                   skip_reading_prefix_cache=not cond_reads_cache)
+        tasks: list[asyncio.Future] = []
         try:
-            await self.llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
-            return True
-        except Exception as exc:  # pragma: no cover - older vLLM without pause modes
-            logger.warning("cannot pause the scheduler (%s); CFG pairs may start one step apart", exc)
-            return False
+            collectors = await self._admit([(ids[0], cond_prompt, cond_params)] + (
+                [(ids[1], uncond_prompt, self._params(max_tokens, {**spec, "role": "uncond"}, stop_token_ids=stop))]
+                if uncond_prompt is not None else []))
+            tasks = [asyncio.ensure_future(self._run_to_end(c)) for c in collectors]
+            outs: list[Any] = [None] * len(tasks)
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    outs[tasks.index(task)] = task.result()
+                stopped = [self._stop_position(o, stop[0]) for o in outs if o is not None]
+                if pending and any(p is not None for p in stopped):
+                    break  # out of step: the partner's output is not needed
+            position = next((p for p in (self._stop_position(o, stop[0]) for o in outs if o is not None) if p is not None), None)
+            if position is not None:
+                await self.llm.abort(ids)
+                for task in tasks:
+                    task.cancel()
+                return outs[0] if outs[0] is not None else next(o for o in outs if o is not None), position
+            return outs[0], None
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.shield(self.llm.abort(ids))
+            raise
+
+    @staticmethod
+    def _stop_position(out: Any, stop_id: int) -> int | None:
+        tokens = list(out.outputs[0].token_ids)
+        return tokens.index(stop_id) if stop_id in tokens else None
+
+    async def _admit(self, requests: list[tuple[str, Any, Any]]) -> list[Any]:
+        """Add the requests so they enter the same scheduler step: for a pair, inside a pause of
+        the scheduler that is bounded (``admission_timeout_s``) and always resumed, also when the
+        caller is cancelled mid-admission (then the requests already added are aborted)."""
+        if len(requests) == 1:
+            rid, prompt, params = requests[0]
+            return [await self.llm.add_request(rid, prompt, params)]
+        async with self._admit_lock:
+            core = self.llm.engine_core
+            try:
+                async with asyncio.timeout(self.config.admission_timeout_s):
+                    await core.pause_scheduler_async(mode="keep", clear_cache=False)
+                    return [await self.llm.add_request(rid, prompt, params) for rid, prompt, params in requests]
+            except TimeoutError as exc:
+                await asyncio.shield(self.llm.abort([r[0] for r in requests]))
+                raise GuidanceError(f"admitting an AR-CFG pair took over {self.config.admission_timeout_s}s") from exc
+            finally:
+                await asyncio.shield(core.resume_scheduler_async())
 
     def split_condition(self, seq: torch.Tensor, hidden: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Official masks: text = question tokens minus vision placeholders and gen tokens;
@@ -433,10 +663,11 @@ class PlannerEngine:
             **sampling,
         )
         rid = self._new_id("chat")
-        async for out in self.llm.generate(prompt, params, rid):
-            delta = out.outputs[0].text if out.outputs else ""
-            if delta:
-                yield delta
+        async with _Slot(self._slots, 1):  # prefix caching stays on for understanding
+            async for out in self.llm.generate(prompt, params, rid):
+                delta = out.outputs[0].text if out.outputs else ""
+                if delta:
+                    yield delta
 
     @staticmethod
     def _video_input(item: dict) -> Any:

@@ -100,8 +100,9 @@ class MammothDecoderLayer(Qwen3VLDecoderLayer):
 class MammothLLMModel(Qwen3LLMModel):
     """Qwen3-VL text decoder + gen vocabulary + gen experts + hidden-state capture.
 
-    Not wrapped in ``support_torch_compile``: routing by token id is data dependent; run with
-    ``enforce_eager`` (the engine's default).
+    It inherits vLLM's ``support_torch_compile`` from ``Qwen3LLMModel``, but its forward does
+    data-dependent routing, reads the batch layout and writes shared memory: it must run eagerly,
+    so ``PlannerConfig`` refuses ``enforce_eager=False`` (the compile wrapper is then inert).
     """
 
     decoder_layer_type = MammothDecoderLayer
@@ -144,6 +145,7 @@ class MammothLLMModel(Qwen3LLMModel):
         if gen_mask is None and input_ids is not None:
             gen_mask = input_ids >= self.gen_vocab_start_index
         routing = GenRouting(gen_mask)
+        _note_batch()
         capture = _Capture.begin(self.config.num_hidden_layers, hidden_states)
         if capture is not None:
             capture.add(0, hidden_states, residual)
@@ -163,6 +165,28 @@ class MammothLLMModel(Qwen3LLMModel):
         return hidden_states
 
 
+def _note_batch() -> None:
+    """Record this step's per-row sequence lengths for the logits processor and the capture."""
+    runtime = get_runtime()
+    if not runtime.rows:
+        runtime.note_batch(None, None)
+        return
+    first = None
+    if is_forward_context_available():
+        meta = get_forward_context().attn_metadata
+        if isinstance(meta, list):
+            meta = meta[0] if meta else None
+        if meta:
+            first = next(iter(meta.values())) if isinstance(meta, dict) else meta
+    qsl = getattr(first, "query_start_loc_cpu", None)
+    if qsl is None:
+        qsl = getattr(first, "query_start_loc", None)
+    seq_lens = getattr(first, "seq_lens_cpu", None)
+    if seq_lens is None:
+        seq_lens = getattr(first, "seq_lens", None)
+    runtime.note_batch(qsl.tolist() if qsl is not None else None, seq_lens.tolist() if seq_lens is not None else None)
+
+
 class _Capture:
     """Running per-group sums of the requested hidden states for this forward pass."""
 
@@ -170,7 +194,7 @@ class _Capture:
         self.num_layers = num_layers
         self.groups = groups  # layer tuple -> row indices
         self.rows = rows  # row index -> RowState
-        self.spans = spans  # row index -> (start, end) token span in this batch
+        self.spans = spans  # row index -> (start, end, sequence offset) of its tokens in this batch
         self.sums: dict[tuple[int, ...], torch.Tensor] = {}
 
     @classmethod
@@ -179,21 +203,14 @@ class _Capture:
         if runtime.tp_rank != 0 or not runtime.rows:
             return None
         rows = runtime.capture_rows()
-        if not rows or not is_forward_context_available():
+        qsl = runtime.query_start_loc
+        if not rows or qsl is None or runtime.seq_lens is None:
             return None
-        meta = get_forward_context().attn_metadata
-        if isinstance(meta, list):
-            meta = meta[0] if meta else None
-        if not meta:
-            return None
-        first = next(iter(meta.values())) if isinstance(meta, dict) else meta
-        qsl = getattr(first, "query_start_loc_cpu", None)
-        if qsl is None:
-            qsl = getattr(first, "query_start_loc", None)
-        if qsl is None:
-            return None
-        qsl = qsl.tolist()
-        spans = {i: (qsl[i], qsl[i + 1]) for i, _ in rows if i + 1 < len(qsl)}
+        spans = {}
+        for i, _ in rows:
+            offset = runtime.chunk_offset(i)
+            if offset is not None:
+                spans[i] = (qsl[i], qsl[i + 1], offset)
         rows = [(i, r) for i, r in rows if i in spans]
         if not rows:
             return None
@@ -215,9 +232,9 @@ class _Capture:
                 continue
             mean = total / len(layers)
             for i in idx:
-                start, end = self.spans[i]
+                start, end, offset = self.spans[i]
                 if end > start:
-                    write_captured(self.rows[i], mean[start:end])
+                    write_captured(self.rows[i], mean[start:end], offset)
 
 
 class MammothLLMForCausalLM(Qwen3LLMForCausalLM):

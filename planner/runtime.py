@@ -6,7 +6,14 @@ tokens. Both live in the same worker process (with or without multiprocessing), 
 processor publishes what it learned in a process-global ``WorkerRuntime`` and the model reads it:
 
 * which rows are planning requests on the visual grid (``compute_logits`` then skips the text head);
-* which rows export hidden states, into which shared-memory block, from which layers.
+* which rows export hidden states, into which shared-memory block, from which layers;
+* (from the model, each forward) every row's sequence length after the step, so the processor
+  knows which rows really sample (not a partial prefill chunk) and the capture knows each
+  chunk's offset in the sequence.
+
+Export accounting: a block is ``[rows, dim]`` float32 followed by ``[rows]`` int32 write counts.
+A row already written (a preempted request recomputed, a repaired pair resubmitted) is not
+written again; the engine checks that every row it reads was written exactly once.
 
 Nothing here crosses a process boundary except the shared-memory blocks, named per request by the
 engine (``extra_args``), so the same code works in-process and with the multiprocess engine.
@@ -22,7 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-EXTRA_KEY = "mammoth"
+from .guidance import EXTRA_KEY
+
+__all__ = ["EXTRA_KEY", "RowState", "WorkerRuntime", "get_runtime"]
+
 
 
 @dataclass
@@ -32,9 +42,9 @@ class RowState:
     spec: dict[str, Any]
     prompt_len: int
     output_ids: list[int]
-    written: int = 0  # hidden-state rows written so far
     shm: shared_memory.SharedMemory | None = None
     buf: torch.Tensor | None = None
+    counts: np.ndarray | None = None  # per-row write counts in the block
 
     @property
     def kind(self) -> str:
@@ -56,12 +66,12 @@ class RowState:
                 self.spec["shm"] = None
                 return None
             rows, dim = int(self.spec["shm_rows"]), int(self.spec["hidden"])
-            arr = np.ndarray((rows, dim), dtype=np.float32, buffer=self.shm.buf)
-            self.buf = torch.from_numpy(arr)
+            self.buf, self.counts = block_views(self.shm.buf, rows, dim)
         return self.buf
 
     def close(self) -> None:
         self.buf = None
+        self.counts = None
         if self.shm is not None:
             try:
                 self.shm.close()
@@ -75,6 +85,9 @@ class WorkerRuntime:
     rows: dict[int, RowState] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     tp_rank: int = 0
+    # This step's batch, from the model's attention metadata (row -> tokens after the step).
+    seq_lens: list[int] | None = None
+    query_start_loc: list[int] | None = None
 
     # ---- batch bookkeeping (called by the logits processor) ----
     def add(self, index: int, spec: dict[str, Any] | None, prompt_ids: list[int] | None, output_ids: list[int]):
@@ -85,11 +98,9 @@ class WorkerRuntime:
             self.rows[index] = RowState(dict(spec), len(prompt_ids or ()), output_ids)
 
     def remove(self, index: int) -> None:
-        # A row leaving the batch may come back later (not scheduled this step), so the
-        # shared-memory handle is closed but the written count lives in the spec.
+        # A row leaving the batch may come back later; what it wrote is counted in its block.
         row = self.rows.pop(index, None)
         if row is not None:
-            row.spec["_written"] = row.written
             row.close()
 
     def move(self, a: int, b: int, swap: bool) -> None:
@@ -100,6 +111,23 @@ class WorkerRuntime:
             self.rows[a] = rb
         elif rb is not None:
             rb.close()
+
+    # ---- this step's batch (recorded by the model's forward) ----
+    def note_batch(self, query_start_loc: list[int] | None, seq_lens: list[int] | None) -> None:
+        self.query_start_loc, self.seq_lens = query_start_loc, seq_lens
+
+    def samples(self, index: int, row: RowState) -> bool:
+        """Whether row ``index`` really samples this step: its sequence after the step reaches
+        every known token (a partial prefill chunk does not; vLLM discards its sample)."""
+        if self.seq_lens is None or index >= len(self.seq_lens):
+            return True
+        return self.seq_lens[index] >= row.prompt_len + len(row.output_ids)
+
+    def chunk_offset(self, index: int) -> int | None:
+        """Sequence position of the first token row ``index`` computes this step."""
+        if self.seq_lens is None or self.query_start_loc is None or index + 1 >= len(self.query_start_loc):
+            return None
+        return self.seq_lens[index] - (self.query_start_loc[index + 1] - self.query_start_loc[index])
 
     # ---- queries (called by the model) ----
     def grid_rows(self, num_rows: int, device: torch.device) -> torch.Tensor | None:
@@ -144,21 +172,33 @@ def hidden_index_sets(rows: list[tuple[int, RowState]], num_layers: int) -> dict
     return groups
 
 
-def write_captured(row: RowState, chunk: torch.Tensor) -> None:
-    """Write this step's rows for one request at their offset in its sequence.
+def block_bytes(rows: int, dim: int) -> int:
+    return rows * dim * 4 + rows * 4
 
-    The offset is normally the count written so far; when vLLM recomputes a preempted request
-    from scratch the chunk reaches the end of the known sequence, which gives the offset.
-    """
+
+def block_views(buffer, rows: int, dim: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The ``[rows, dim]`` float32 data and ``[rows]`` int32 write counts of one block."""
+    data = np.ndarray((rows, dim), dtype=np.float32, buffer=buffer)
+    counts = np.ndarray((rows,), dtype=np.int32, buffer=buffer, offset=rows * dim * 4)
+    return torch.from_numpy(data), counts
+
+
+def write_captured(row: RowState, chunk: torch.Tensor, offset: int) -> None:
+    """Write this step's rows for one request at ``offset`` (its chunk's first sequence
+    position); rows already written are skipped, so each is written exactly once."""
     buf = row.capture_buffer()
-    if buf is None:
+    if buf is None or row.counts is None:
         return
-    n = chunk.shape[0]
-    total_known = row.prompt_len + len(row.output_ids)
-    written = max(row.written, int(row.spec.get("_written", 0)))
-    offset = written if total_known - n >= written else max(total_known - n, 0)
-    end = min(offset + n, buf.shape[0])
-    if end > offset:
-        buf[offset:end].copy_(chunk[: end - offset].to(device="cpu", dtype=torch.float32))
-    row.written = offset + n
-    row.spec["_written"] = row.written
+    end = min(offset + chunk.shape[0], buf.shape[0])
+    if end <= offset:
+        return
+    fresh = np.flatnonzero(row.counts[offset:end] == 0)
+    if fresh.size == 0:
+        return
+    host = chunk[: end - offset].to(device="cpu", dtype=torch.float32)
+    if fresh.size == end - offset:
+        buf[offset:end].copy_(host)
+    else:
+        idx = torch.from_numpy(fresh)
+        buf[offset + idx] = host[idx]
+    row.counts[offset + fresh] += 1

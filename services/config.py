@@ -134,10 +134,27 @@ class PlannerEngine(_StageEngine):
     kv_cache_gib: PositiveInt | None = 1  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes if set
     gpu_memory_utilization: Fraction = 0.85  # GPU, when kv_cache_gib is None
     tensor_parallel_size: PositiveInt = 1
-    enforce_eager: bool = True  # starts in seconds; CUDA graphs / compile are opt-in
+    enforce_eager: bool = True  # must stay true: the planner's forward cannot be compiled (refused below)
     max_model_len: PositiveInt = 4096
     max_num_seqs: PositiveInt = 8
     multiprocessing: bool = False  # vLLM V1 engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING)
+    # v1: hidden-state export (what the image pipeline needs); v2: Model Runner V2 (plans, no export)
+    model_runner: Literal["v1", "v2"] = "v1"
+    max_num_batched_tokens: PositiveInt | None = None  # None: max(8192, 2 * max_model_len)
+    enable_prefix_caching: bool = True  # understanding / uncond rows; capturing requests opt out
+    max_cfg_repairs: NonNegativeInt = 4  # resubmissions of an out-of-step AR-CFG pair before it fails
+    admission_timeout_s: PositiveFloat = 10.0  # bound on the scheduler pause that admits a CFG pair
+    negative_cache_size: NonNegativeInt = 64  # distinct negative prompts whose condition is kept (LRU)
+    health_timeout_s: PositiveFloat = 10.0  # check_health: the engine core must answer within this
+
+    @model_validator(mode="after")
+    def _eager_only(self) -> Self:
+        if not self.enforce_eager:
+            raise ValueError(
+                "planner.engine.enforce_eager: false is not supported: the planner's text model routes "
+                "tokens to its generation experts by id and writes hidden states to shared memory inside "
+                "forward(), which torch.compile / CUDA graphs cannot capture; keep enforce_eager: true")
+        return self
 
 
 class DiTParallel(_Section):
@@ -432,7 +449,7 @@ class ServeConfig(_Section):
             models=_models_for(model_dir),
             planner=PlannerSettings(
                 max_ongoing_requests=64, ray_actor_options=ActorOptions(num_cpus=2, num_gpus=1),
-                engine=PlannerEngine(kv_cache_gib=None, enforce_eager=False, max_num_seqs=64, max_model_len=8192),
+                engine=PlannerEngine(kv_cache_gib=None, max_num_seqs=64, max_model_len=8192),  # eager: see PlannerEngine
             ),
             dit=DiTSettings(autoscaling=scale, max_ongoing_requests=8,
                             ray_actor_options=ActorOptions(num_cpus=2, num_gpus=1)),

@@ -45,6 +45,28 @@ class PlannerDeployment:
         self.metrics = StageMetrics("planner", self.model)
         self.tokens = serve.metrics.Counter("mammoth_planned_tokens_total", description="visual tokens planned",
                                             tag_keys=("model",))
+        # AR-CFG pairs out of step / resubmitted / failed, incomplete exports (engine.stats keys).
+        self.guidance = serve.metrics.Counter(
+            "mammoth_planner_guidance_events_total", description="AR-CFG desyncs, repairs, failures; export errors",
+            tag_keys=("model", "event"))
+        self._exported: dict[str, int] = {}
+
+    async def check_health(self) -> None:
+        """Serve's probe: the vLLM engine must be alive and its core answer (a dead engine
+        raises, and Serve replaces this replica)."""
+        self._export_stats()
+        await self.stage.check_health()
+
+    def stats(self) -> dict[str, int]:
+        """Requests still inside the vLLM engine (tests and debugging: a cancelled caller's must leave)."""
+        return {"unfinished_requests": self.stage.engine.llm.get_num_unfinished_requests()}
+
+    def _export_stats(self) -> None:
+        for event, count in self.stage.engine.stats.items():
+            delta = count - self._exported.get(event, 0)
+            if delta > 0:
+                self.guidance.inc(delta, tags={"model": self.model, "event": event})
+                self._exported[event] = count
 
     async def __del__(self):
         await self.stage.shutdown()
@@ -59,7 +81,10 @@ class PlannerDeployment:
             fitted = EncodedMedia.merge(references)
             if fitted is None and job.reference_images:
                 fitted = await self.stage.fit_references(job)
-            result = await self.stage.plan_image(job, fitted)
+            try:
+                result = await self.stage.plan_image(job, fitted)
+            finally:
+                self._export_stats()
         self.tokens.inc(result.planned_tokens, tags={"model": self.model})
         return result
 

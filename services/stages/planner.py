@@ -20,8 +20,6 @@ from ..config import PlannerEngine as PlannerEngineSettings
 from ..handoff import EncodedMedia, ImageConditions, PromptConditions
 from ..jobs import ImageJob, UnderstandJob
 
-NEGATIVE_CACHE_SIZE = 64
-
 
 def planner_config(model_dir: Path, settings: PlannerEngineSettings, device: str, dtype: str):
     """Serving config -> vLLM engine config for ``<model>/planner``."""
@@ -36,6 +34,13 @@ def planner_config(model_dir: Path, settings: PlannerEngineSettings, device: str
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
         disable_multiprocessing=not settings.multiprocessing,
+        model_runner=settings.model_runner,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        max_cfg_repairs=settings.max_cfg_repairs,
+        admission_timeout_s=settings.admission_timeout_s,
+        negative_cache_size=settings.negative_cache_size,
+        health_timeout_s=settings.health_timeout_s,
     )
 
 
@@ -54,6 +59,10 @@ class PlannerStage:
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()
+
+    async def check_health(self) -> None:
+        """Raises unless the vLLM engine is alive and answering."""
+        await self.engine.check_health()
 
     # -- image family -------------------------------------------------------------------------
     async def plan_image(self, job: ImageJob, references: EncodedMedia | None = None) -> ImageConditions:
@@ -114,7 +123,7 @@ class PlannerStage:
             return future
         future = asyncio.ensure_future(self.engine.encode_prompt(text))
         self._prompt_cache[text] = future
-        while len(self._prompt_cache) > NEGATIVE_CACHE_SIZE:
+        while len(self._prompt_cache) > self.engine.config.negative_cache_size:
             self._prompt_cache.popitem(last=False)
         return future
 

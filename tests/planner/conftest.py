@@ -55,7 +55,7 @@ def start_engine(model_dir, **overrides):
     from planner.engine import PlannerEngine, planner_config_from_dir
 
     loop = LoopThread()
-    cfg = planner_config_from_dir(model_dir, kv_cache_gib=1, max_model_len=2048, limit_videos=0, limit_images=2,
-                                   dtype="float32", **overrides)
+    settings = dict(kv_cache_gib=1, max_model_len=2048, limit_videos=0, limit_images=2, dtype="float32")
+    cfg = planner_config_from_dir(model_dir, **{**settings, **overrides})
     engine = loop.run(PlannerEngine(cfg).start(), timeout=600)
     return loop, engine
