@@ -38,17 +38,23 @@ def mid_config(width: int, layers: int) -> Mammoth2DiTConfig:
     )
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int, budget_s: float | None = None) -> tuple[float, int]:
+    """Median of ``repeats`` timed calls after a warm-up; with ``budget_s``, only as many as the
+    warm-up says fit (at least one), so a slow CPU still finishes in bounded time."""
+    start = time.perf_counter()
     fn()  # warm-up
+    if budget_s is not None:
+        repeats = max(1, min(repeats, int(budget_s / max(time.perf_counter() - start, 1e-9))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), repeats
 
 
-def measure(dtype: torch.dtype, width: int, layers: int, image_px: int, repeats: int) -> dict:
+def measure(dtype: torch.dtype, width: int, layers: int, image_px: int, repeats: int,
+            budget_s: float | None = None) -> dict:
     torch.manual_seed(0)
     config = mid_config(width, layers)
     model = Mammoth2Transformer(config).to(dtype).eval()
@@ -67,18 +73,19 @@ def measure(dtype: torch.dtype, width: int, layers: int, image_px: int, repeats:
         with FlopCounterMode(display=False) as counter:
             step()
         flops = counter.get_total_flops()
-        step_s = _median_seconds(step, repeats)
+        step_s, step_repeats = _median_seconds(step, repeats, budget_s)
 
         tokens = 2 * ((latent // 2) ** 2 + 64)
         inner = model.layers[0].feed_forward.linear_1.out_features
         a = torch.randn(tokens, width, dtype=dtype)
         b = torch.randn(width, inner, dtype=dtype)
-        gemm_s = _median_seconds(lambda: a @ b, repeats * 3)
+        gemm_s, _ = _median_seconds(lambda: a @ b, repeats * 3)
     gemm_gflops = 2 * tokens * width * inner / gemm_s / 1e9
     step_gflops = flops / step_s / 1e9
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "step_ms": round(step_s * 1e3, 2),
+        "step_repeats": step_repeats,
         "step_gflop": round(flops / 1e9, 2),
         "step_gflops_per_s": round(step_gflops, 1),
         "gemm_gflops_per_s": round(gemm_gflops, 1),
@@ -96,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="dtypes without native matmuls on this CPU are skipped")
     parser.add_argument("--allow-slow", action="store_true", help="run the dtypes this CPU lacks anyway")
+    parser.add_argument("--budget-s", type=float, default=60.0,
+                        help="seconds of timed steps per dtype at most (fewer repeats on a slow CPU)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run (JSON) and exit")
     args = parser.parse_args(argv)
     if args.width < 1024:
@@ -104,13 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not dtypes:
         parser.error(f"--dtypes: nothing left to run on this CPU ({skipped}); pass --allow-slow to run them anyway")
     config = {"width": args.width, "layers": args.layers, "image_px": args.image_px, "cfg_rows": 2,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "budget_s": args.budget_s}
     if args.dry_run:
         plan = {"bench": "dit_step", "config": config, "dtypes": dtypes, **report_fields(skipped, measure=False),
                 "dry_run": True}
         print(json.dumps(plan))
         return plan
-    runs = [measure(getattr(torch, dtype), args.width, args.layers, args.image_px, args.repeats)
+    runs = [measure(getattr(torch, dtype), args.width, args.layers, args.image_px, args.repeats, args.budget_s)
             for dtype in dtypes]
     best = max(runs, key=lambda r: r["step_gflops_per_s"])
     result = {

@@ -11,9 +11,9 @@ hits them alike; ratios use process-CPU-time medians (wall medians are reported 
 the box is shared.
 
 Dtypes this CPU does not multiply natively are skipped (``skipped`` names why, e.g. bf16 on AVX2,
-where it is ~100x slower than float32; ``--allow-slow`` runs them anyway), and the forced paths
-and the loop reference get at most ``--extra-budget-s`` of repetitions, so the defaults finish
-in minutes on any CPU. ``cpu_capability`` records the CPU.
+where it is ~100x slower than float32; ``--allow-slow`` runs them anyway), and each timed group
+(grouped vs dense; the forced paths and the loop reference) gets at most ``--budget-s`` of
+repetitions per dtype, so the defaults finish in minutes on any CPU. ``cpu_capability`` records the CPU.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _time(fns: dict[str, Callable[[], object]], reps: int,
 
 def run(width: int, experts: int, top_k: int, ffn: int, shared: int, shared_ffn: int, tokens: int,
         dtype: torch.dtype, reps: int, extra_reps: int, paths: bool = False, balance_steps: int = 0,
-        seed: int = 0, extra_budget_s: float | None = None) -> dict:
+        seed: int = 0, budget_s: float | None = None) -> dict:
     torch.manual_seed(seed)
     layer = MoELayer(width, experts, top_k, ffn, num_shared_experts=shared,
                      shared_ffn_hidden_size=shared_ffn).to(dtype).eval()
@@ -120,8 +120,8 @@ def run(width: int, experts: int, top_k: int, ffn: int, shared: int, shared_ffn:
         max_diff = float((ref - got).abs().max())
         counts = layer.last_expert_counts.float()
         capacity = choose_capacity(layer.last_expert_counts.tolist(), *layer.ragged_costs(dtype))
-        times, _ = _time(core, reps)
-        extra_times, extra_reps = _time(extra, extra_reps, extra_budget_s)
+        times, reps = _time(core, reps, budget_s)
+        extra_times, extra_reps = _time(extra, extra_reps, budget_s)
     for timer in times:
         times[timer].update(extra_times[timer])
     med = {t: {name: statistics.median(v) for name, v in times[t].items()} for t in times}
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtypes", default="bfloat16,float32",
                         help="in order, the first is the headline; dtypes without native matmuls here are skipped")
     parser.add_argument("--allow-slow", action="store_true", help="run the dtypes this CPU lacks anyway")
-    parser.add_argument("--extra-budget-s", type=float, default=60.0,
-                        help="seconds per dtype for the extra repetitions (the loop reference is slow)")
+    parser.add_argument("--budget-s", type=float, default=60.0,
+                        help="seconds per dtype and timed group at most (fewer repetitions on a slow CPU)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run (JSON) and exit")
     parser.add_argument("--reps", type=int, default=4, help="grouped vs dense, interleaved")
     parser.add_argument("--extra-reps", type=int, default=2, help="forced paths and the loop reference")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
               "shared": args.shared, "shared_ffn": args.shared_ffn if args.shared else 0,
               "dense_hidden": args.top_k * args.ffn + args.shared * args.shared_ffn,
               "tokens": args.tokens, "balance_steps": args.balance_steps, "threads": torch.get_num_threads(),
-              "extra_budget_s": args.extra_budget_s}
+              "budget_s": args.budget_s}
     dtypes, skipped = split_native([d.strip() for d in args.dtypes.split(",")], allow_slow=args.allow_slow)
     if not dtypes:
         parser.error(f"--dtypes: nothing left to run on this CPU ({skipped}); pass --allow-slow to run them anyway")
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in dtypes:
         result = run(args.width, args.experts, args.top_k, args.ffn, args.shared, args.shared_ffn,
                      args.tokens, getattr(torch, name), args.reps, args.extra_reps, args.paths,
-                     args.balance_steps, extra_budget_s=args.extra_budget_s)
+                     args.balance_steps, budget_s=args.budget_s)
         results.append(result)
         if not args.json:
             print(json.dumps(result, indent=2))

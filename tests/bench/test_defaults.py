@@ -64,16 +64,17 @@ def test_float32_benches_record_the_cpu(value, as_cpu, capsys):
 def test_moe_run_follows_the_plan_and_bounds_the_reference(as_cpu, capsys):
     as_cpu(AVX2)
     out = moe_layer.main(["--json", "--width", "64", "--experts", "4", "--top-k", "2", "--ffn", "32",
-                          "--tokens", "64", "--reps", "1", "--extra-reps", "50", "--extra-budget-s", "0",
+                          "--tokens", "64", "--reps", "7", "--extra-reps", "50", "--budget-s", "0",
                           "--balance-steps", "0"])
     assert [r["dtype"] for r in out["results"]] == ["float32"] and out["skipped"] == SKIP_AVX2
-    assert out["results"][0]["reps"] == {"grouped_dense": 1, "others": 1}  # the budget caps the reference
+    assert out["results"][0]["reps"] == {"grouped_dense": 1, "others": 1}  # the budget caps every group
     assert out["cpu_capability"] == "AVX2" and set(out["cpu"]["matmul_time_vs_float32"]) == {"bfloat16", "float16"}
     assert _last_json(capsys)["dtype"] == "float32"
 
 
 def test_dit_step_run_follows_the_plan(as_cpu, capsys):
     as_cpu(AVX2)
-    out = dit_step.main(["--json", "--layers", "1", "--image-px", "64", "--repeats", "1"])
+    out = dit_step.main(["--json", "--layers", "1", "--image-px", "64", "--repeats", "9", "--budget-s", "0"])
     assert [r["dtype"] for r in out["runs"]] == ["float32"] and out["skipped"] == SKIP_AVX2
+    assert out["runs"][0]["step_repeats"] == 1  # the budget caps the timed steps
     assert out["dtype"] == "float32" and out["cpu_capability"] == "AVX2"
