@@ -9,6 +9,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def _cmd_dit_placement(args: argparse.Namespace) -> int:
+    """Balanced expert -> rank placement from measured expert loads (EPLB-style)."""
+    from dit_worker.parallel.placement import ExpertPlacement, loads_from_metrics, summarize
+
+    loads = loads_from_metrics(Path(args.from_metrics).read_text())
+    if args.per_layer is False and isinstance(loads, dict):
+        loads = [sum(col) for col in zip(*loads.values())]
+    placement = ExpertPlacement.balanced(loads, args.world_size, replicas=args.replicas)
+    before = ExpertPlacement.contiguous(placement.num_experts, args.world_size)
+    placement.save(args.output)
+    print(json.dumps({"output": args.output, **summarize(loads, before, placement)}))
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from .presets import PRESETS, parameter_report
 
@@ -353,6 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     _client_args(p)
     p.set_defaults(func=_cmd_ask)
+
+    p = sub.add_parser("dit", help="DiT worker pool tools")
+    dit_sub = p.add_subparsers(dest="dit_command", required=True)
+    d = dit_sub.add_parser("placement", help="balanced expert->rank placement from expert load metrics "
+                                             "(apply it with dit.engine.parallel.placement_file)")
+    d.add_argument("--from-metrics", required=True, metavar="FILE",
+                   help="the DiT's expert_metrics() JSON or Prometheus text with mammoth_expert_tokens_total")
+    d.add_argument("--world-size", type=int, required=True, help="ranks per DiT replica (parallel.size)")
+    d.add_argument("--replicas", type=int, default=0, help="extra copies for the hottest experts (default 0)")
+    d.add_argument("--global", dest="per_layer", action="store_false", default=True,
+                   help="one placement for every layer instead of one per layer")
+    d.add_argument("-o", "--output", default="placement.json", help="placement file to write")
+    d.set_defaults(func=_cmd_dit_placement)
 
     p = sub.add_parser("demo", help="serve the tiny models, make an image, an edit, a video and an answer, stop")
     p.add_argument("--out", default="out", help="output folder (default ./out)")

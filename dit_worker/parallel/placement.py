@@ -15,6 +15,7 @@ The file format (JSON) is what ``mammoth dit placement --from-metrics`` writes::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,3 +151,39 @@ def imbalance(values: Sequence[float]) -> float:
     """max / mean (1.0 = perfectly even; 0 loads count as even)."""
     mean = sum(values) / len(values) if values else 0.0
     return max(values) / mean if mean > 0 else 1.0
+
+
+_PROM_LINE = re.compile(r'^mammoth_expert_tokens_total\{(?P<labels>[^}]*)\}\s+(?P<value>[0-9.eE+-]+)')
+_PROM_EXPERT = re.compile(r'expert="(\d+)"')
+
+
+def loads_from_metrics(text: str) -> dict[str, list[float]] | list[float]:
+    """Per-expert loads from a metrics file: the DiT's ``expert_metrics()`` JSON (per layer:
+    ``{"expert_counts": {layer: [...]}}`` or ``{layer: [...]}``) or Prometheus text with
+    ``mammoth_expert_tokens_total{expert="i",...}`` samples (summed over layers and models)."""
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        data = json.loads(stripped)
+        counts = data.get("expert_counts", data)
+        if not isinstance(counts, dict) or not counts:
+            raise PlacementError("expert_counts: no per-layer counts in the metrics file")
+        return {str(k): [float(c) for c in v] for k, v in counts.items()}
+    totals: dict[int, float] = {}
+    for line in text.splitlines():
+        match = _PROM_LINE.match(line.strip())
+        if match and (expert := _PROM_EXPERT.search(match["labels"])):
+            totals[int(expert[1])] = totals.get(int(expert[1]), 0.0) + float(match["value"])
+    if not totals:
+        raise PlacementError("metrics: no mammoth_expert_tokens_total samples and no JSON counts")
+    return [totals.get(e, 0.0) for e in range(max(totals) + 1)]
+
+
+def summarize(loads: Mapping[str, Sequence[float]] | Sequence[float], before: ExpertPlacement,
+              after: ExpertPlacement) -> dict[str, float]:
+    """Rank-load imbalance (max/mean) under two placements, worst layer."""
+    layers = loads.items() if isinstance(loads, Mapping) else [("default", loads)]
+    worst = {"before": 1.0, "after": 1.0}
+    for name, values in layers:
+        worst["before"] = max(worst["before"], imbalance(rank_loads(values, before.for_layer(name))))
+        worst["after"] = max(worst["after"], imbalance(rank_loads(values, after.for_layer(name))))
+    return {"rank_imbalance_before": worst["before"], "rank_imbalance_after": worst["after"]}
