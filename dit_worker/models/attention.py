@@ -154,12 +154,16 @@ def sdpa_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
     if query.is_cuda:
         from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
 
-        params = SDPAParams(query, key, value, attn_mask, 0.0, False, enable_gqa)
-        if can_use_flash_attention(params, False):
-            kernels.append("flash")
-        if can_use_efficient_attention(params, False):
-            kernels.append("efficient")
-        return [*kernels, "math"]
+        try:
+            params = SDPAParams(query, key, value, attn_mask, 0.0, False, enable_gqa)
+        except TypeError:  # a torch whose SDPAParams differs: the published rules below
+            params = None
+        if params is not None:
+            if can_use_flash_attention(params, False):
+                kernels.append("flash")
+            if can_use_efficient_attention(params, False):
+                kernels.append("efficient")
+            return [*kernels, "math"]
     head_dim = query.shape[-1]
     same_dtype = query.dtype == key.dtype == value.dtype
     heads_ok = query.shape[1] == key.shape[1] or (enable_gqa and query.shape[1] % key.shape[1] == 0)
