@@ -77,3 +77,33 @@ def moe_layer_enabled(moe_type: str, layer_idx: int) -> bool:
     if kind not in ("none", "attention", "ffn", "ffn_attention"):
         raise ValueError(f"unknown moe_type {moe_type!r}")
     return "ffn" in kind and start <= layer_idx < end
+
+
+# --------------------------------------------------------------------- official checkpoints
+
+OFFICIAL_PREFIX = "llm_model."  # where the planner sits in an official MammothModa2 checkpoint
+
+
+def official_planner_names(names: list[str]) -> dict[str, str]:
+    """Our tensor name -> the official one, for the official names under ``llm_model.``
+    (the official ``Mammothmoda2Qwen3VLForConditionalGeneration`` keys are ours)."""
+    return {n[len(OFFICIAL_PREFIX):]: n for n in names if n.startswith(OFFICIAL_PREFIX)}
+
+
+def planner_config_from_official(llm_config: dict, *, gen_vocab: bool, dtype: str | None = None) -> dict:
+    """The planner ``config.json`` from an official ``llm_config`` (MammothModa2) or a Qwen3-VL
+    text encoder's config (MammothModa2.5, ``gen_vocab=False``: no generation vocabulary)."""
+    config = {k: v for k, v in llm_config.items() if not k.startswith("_")}
+    text = dict(config.get("text_config") or {})
+    vision = dict(config.get("vision_config") or {})
+    if not text or not vision:
+        raise ValueError("official llm config: needs text_config and vision_config")
+    gen = {k: text.get(k, config.get(k, v)) for k, v in GEN_DEFAULTS.items()}
+    if not gen_vocab:
+        gen.update(extra_gen_vocab=False, moe_type="none")
+    text.update(gen, model_type="mammothmoda2_qwen3_vl_text")
+    vision["model_type"] = MODEL_TYPE
+    config.update(gen, text_config=text, vision_config=vision, architectures=[ARCHITECTURE], model_type=MODEL_TYPE)
+    if dtype is not None:
+        config["torch_dtype"] = dtype
+    return config

@@ -38,6 +38,21 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertError, convert
+
+    try:
+        overrides = json.loads(args.dit_overrides) if args.dit_overrides else None
+        index = convert(args.source, args.destination, getattr(args, "from"), overwrite=args.force,
+                        shard_bytes=int(args.shard_gb * (1 << 30)), dit_overrides=overrides)
+    except (ConvertError, ValueError) as exc:
+        print(f"convert: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"directory": str(index.root), "family": index.family, "preset": index.preset,
+                      "stages": index.stages}))
+    return 0
+
+
 def _cmd_init_tiny(args: argparse.Namespace) -> int:
     from .model_dir import init_random
     from .presets import get_preset
@@ -295,6 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=_cmd_init_tiny)
+
+    p = sub.add_parser("convert", help="an official checkpoint directory -> a model directory (strict)")
+    p.add_argument("source", help="the official checkpoint directory (downloaded elsewhere)")
+    p.add_argument("destination", help="the model directory to write")
+    p.add_argument("--from", required=True, choices=["mammothmoda2", "mammothmoda25"], help="the official format")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.add_argument("--shard-gb", type=float, default=4.0, help="safetensors shard size")
+    p.add_argument("--dit-overrides", help="JSON: moe / refiner / text_len for 2.5 checkpoints whose sizes "
+                                           "the official code's constants do not describe")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("config", help="the serving config: write defaults, render the Ray Serve config")
     config_sub = p.add_subparsers(dest="config_command", required=True)
