@@ -9,9 +9,11 @@ and the QFormer are run once per request by ``Mammoth2Transformer.prepare``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
+from dit_worker.models.attention import attention
 from dit_worker.models.mammoth2_layers import RMSNorm, SwiGLUFeedForward, ffn_inner_dim
 
 TIME_FREQ_DIM = 256
@@ -25,6 +27,21 @@ def qformer_num_heads(hidden_size: int, proposed: int, preferred_head_dim: int =
     target = max(1, round(hidden_size / preferred_head_dim))
     divisors = [d for d in range(1, min(128, hidden_size) + 1) if hidden_size % d == 0]
     return min(divisors, key=lambda d: (abs(d - target), -d))
+
+
+def multihead_attention(module: nn.MultiheadAttention, query: torch.Tensor, kv: torch.Tensor,
+                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``module``'s batch-first forward (its packed ``in_proj`` / ``out_proj`` weights, the
+    official layout) with the attention itself through the DiT seam. ``key_mask`` True = real."""
+    if module.training and module.dropout:
+        raise ValueError("attention dropout is a training feature; serve the model in eval mode")
+    heads = module.num_heads
+    w_q, w_k, w_v = module.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None, None, None)
+    q = F.linear(query, w_q, b_q).unflatten(-1, (heads, -1))
+    k = F.linear(kv, w_k, b_k).unflatten(-1, (heads, -1))
+    v = F.linear(kv, w_v, b_v).unflatten(-1, (heads, -1))
+    return module.out_proj(attention(q, k, v, key_mask).flatten(-2))
 
 
 class QFormerLayer(nn.Module):
@@ -41,9 +58,9 @@ class QFormerLayer(nn.Module):
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_padding: torch.Tensor) -> torch.Tensor:
         h = self.ln_q1(q)
-        q = q + self.self_attn(h, h, h, need_weights=False)[0]
+        q = q + multihead_attention(self.self_attn, h, h)
         h = self.ln_q2(q)
-        q = q + self.cross_attn(h, kv, kv, need_weights=False, key_padding_mask=kv_padding)[0]
+        q = q + multihead_attention(self.cross_attn, h, kv, None if kv_padding is None else ~kv_padding)
         return q + self.ffn(self.ln_ffn(q))
 
 

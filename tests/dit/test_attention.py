@@ -17,6 +17,7 @@ from dit_worker.models.attention import (
     set_attention_backend,
     set_parallel_config,
 )
+from dit_worker.models.mammoth2_conditioning import QFormerLayer
 from dit_worker.models.transformer_mammoth25 import (
     Mammoth25Condition,
     Mammoth25DiTConfig,
@@ -163,6 +164,7 @@ def test_image_cfg_batch_on_varlen_backend_passes_packing_mask(mammoth2_model, m
         return _reference(query, key, value, flat)
 
     monkeypatch.setattr(attn_mod, "dispatch_attention_fn", fake_dispatch)
+    monkeypatch.setattr(attn_mod, "_check_attention_backend_requirements", lambda backend: None)  # no flash-attn here
     set_attention_backend(mammoth2_model, "flash_varlen")
     try:
         prepared = mammoth2_model.prepare([make_condition(9, seed=1), make_condition(3, seed=2)])
@@ -229,3 +231,20 @@ def test_parallel_config_reaches_the_dispatcher(video_model, monkeypatch):
     finally:
         set_parallel_config(video_model, None)
     assert seen.count(marker) == V_CFG.num_layers  # every block; the refiner stays local
+
+
+def test_qformer_attention_equals_torch_multihead_attention():
+    """The QFormer's nn.MultiheadAttention weights, run through the seam, give torch's own
+    MultiheadAttention result (padding keys included)."""
+    torch.manual_seed(0)
+    layer = QFormerLayer(64, 4, 0.0, 1e-5).eval()
+    q, kv = torch.randn(2, 8, 64), torch.randn(2, 10, 64)
+    padding = torch.arange(10) >= torch.tensor([[10], [6]])
+    with torch.no_grad():
+        h = layer.ln_q1(q)
+        expected = q + layer.self_attn(h, h, h, need_weights=False)[0]
+        h = layer.ln_q2(expected)
+        expected = expected + layer.cross_attn(h, kv, kv, need_weights=False, key_padding_mask=padding)[0]
+        expected = expected + layer.ffn(layer.ln_ffn(expected))
+        torch.testing.assert_close(layer(q, kv, padding), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(layer(q, kv, torch.zeros_like(padding)), expected, atol=1e-3)
