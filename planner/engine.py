@@ -281,7 +281,7 @@ class PlannerEngine:
         text = hf.get("text_config", hf)
         self.hidden_size = int(text["hidden_size"])
         self.num_layers = int(text["num_hidden_layers"])
-        self.layout = TokenLayout(int(hf.get("gen_vocab_start_index", 152064)), int(hf.get("gen_vocab_size", 32800)))
+        self.layout = TokenLayout.from_checkpoint(cfg.model)  # ids from t2i_generation_config.json
         args = AsyncEngineArgs(**cfg.engine_args())
 
         def build():
