@@ -20,7 +20,7 @@ from dit_worker.engine import DiTEngine, DiTEngineConfig, RequestAborted
 from dit_worker.models.moe import MoELayer
 from dit_worker.parallel.expert import ExpertParallelMoE
 from dit_worker.parallel.placement import ExpertPlacement, PlacementError, balance, imbalance, rank_loads
-from dit_worker.parallel.plan import choose_mode, split_rows
+from dit_worker.parallel.plan import StepPlan, choose_mode, split_rows
 from dit_worker.presets import write_random_checkpoint
 from dit_worker.requests import SamplingParams, VideoDenoiseRequest
 
@@ -156,11 +156,21 @@ def _groups(requests):
 
 def _rank_main(rank: int, ckpt: str, out: str, ports: list[int]) -> None:
     torch.set_num_threads(1)
+    from diffusers.models import attention_dispatch
+
     from dit_worker.parallel.group import GroupSpec
     from dit_worker.parallel.proxy import parallel_engine
     from dit_worker.parallel.worker import RankWorker
 
-    result: dict = {"layers": {}}
+    calls = {"n": 0}
+    original = attention_dispatch._all_to_all_single
+
+    def counted(x, group):  # diffusers' Ulysses exchange: proves SP runs through diffusers' code
+        calls["n"] += 1
+        return original(x, group)
+
+    attention_dispatch._all_to_all_single = counted
+    result: dict = {"layers": {}, "ulysses_calls": {}}
     out_dir = Path(out)
     # phase 0: the bare layer, gloo group over the default world
     worker = RankWorker(ckpt, GroupSpec(rank, WORLD, f"tcp://127.0.0.1:{ports[0]}", timeout_s=60))
@@ -180,14 +190,16 @@ def _rank_main(rank: int, ckpt: str, out: str, ports: list[int]) -> None:
         outputs = {}
         for name, group, mode in _groups(_video_requests(dim)):
             engine = parallel_engine(Path(ckpt), DiTEngineConfig(), worker, world_size=WORLD, mode=mode)
+            before = calls["n"]
             done = engine.generate(group)
+            result["ulysses_calls"][f"{phase}:{name}"] = calls["n"] - before
             for r in done:
                 outputs[f"{phase}:{name}:{r.request_id}"] = r.latents
             result.setdefault("counts", {})[f"{phase}:{name}"] = engine.expert_load()
         stats = worker.stats()
         result.setdefault("rank_tokens", []).append(stats["rank_tokens"])
         torch.save(outputs, out_dir / f"outputs{phase}.pt")
-        worker.submit(__import__("dit_worker.parallel.plan", fromlist=["StepPlan"]).StepPlan("stop"))
+        worker.submit(StepPlan("stop"))
     worker.close()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
 
@@ -236,6 +248,17 @@ def test_parallel_engine_equals_single_rank(spawned, single, phase, group):
         assert got.shape == want.shape
         assert float((got - want).abs().max()) <= ATOL, key
         assert float(want.abs().max()) > 0.1  # not a trivially small output
+
+
+def test_sequence_parallel_runs_diffusers_ulysses_and_data_parallel_does_not(spawned):
+    calls = spawned["ranks"][0]["ulysses_calls"]
+    layers, steps = 2, 3  # tiny preset: 2 blocks; every request runs 3 steps
+    for phase in (0, 1):
+        # q, k, v in and the output back: 4 exchanges per attention call
+        assert calls[f"{phase}:long_sp"] == 4 * layers * steps
+        assert calls[f"{phase}:long_cfg_sp"] == 4 * layers * steps
+        assert calls[f"{phase}:batch3_sp"] == 4 * layers * steps
+        assert calls[f"{phase}:batch3_dp"] == 0 and calls[f"{phase}:edit_dp"] == 0
 
 
 def test_expert_counts_summed_over_ranks_match_single_rank(spawned, single):
