@@ -251,6 +251,42 @@ def attention_report(model: torch.nn.Module, forward: Callable[[], object], devi
     return report
 
 
+def attention_timings(case: Case, seq_lens: list[int], device: torch.device, dtype: torch.dtype,
+                      repeats: int) -> dict:
+    """One padded joint-sequence attention of this batch, timed per way of running it: ``before``
+    is the old call (boolean mask + ``enable_gqa`` straight into SDPA), then the seam's backends
+    that can run here."""
+    c = case.config
+    if case.family == "image":
+        heads, kv_heads, head_dim = c.num_attention_heads, c.num_kv_heads, c.head_dim
+    else:
+        heads = kv_heads = c.num_attention_heads
+        head_dim = c.attention_head_dim
+    rows, seq = len(seq_lens), max(seq_lens)
+    q = torch.randn(rows, seq, heads, head_dim, device=device, dtype=dtype)
+    k = torch.randn(rows, seq, kv_heads, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    mask = torch.arange(seq, device=device) < torch.tensor(seq_lens, device=device)[:, None]
+    runs: dict[str, Callable[[], object]] = {
+        "before": lambda: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :],
+            enable_gqa=heads != kv_heads),
+        "native": lambda: attention_mod.attention(q, k, v, mask),
+    }
+    if attention_mod.native_varlen_problem(device) is None:
+        runs["native_varlen"] = lambda: attention_mod.attention(q, k, v, mask, backend="native_varlen")
+    out = {}
+    with torch.inference_mode():
+        for name, fn in runs.items():
+            try:
+                out[name] = round(median_seconds(fn, repeats, device) * 1e3, 3)
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory for the math kernel
+                out[name] = f"failed: {str(error).splitlines()[0][:120]}"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return out
+
+
 # ----------------------------------------------------------------------------------- measuring
 
 
@@ -282,7 +318,7 @@ def measure(case: Case, device: torch.device, dtype: torch.dtype, layers: tuple[
     report: dict = {}
     for n in layers:
         model = build(case, n, device, dtype)
-        attention_mod.set_attention_backend(model, backend)
+        attention_mod.set_attention_backend(model, backend, device)
         if compile_blocks:
             compile_repeated_blocks(model)
         weights[n] = param_bytes(model)
@@ -304,6 +340,7 @@ def measure(case: Case, device: torch.device, dtype: torch.dtype, layers: tuple[
             if n == layers[0]:
                 n_latent, seq_lens = row_lengths(case, model, prepared)
                 report["attention"] = attention_report(model, forward, device)
+                report["attention"]["one_call_ms"] = attention_timings(case, seq_lens, device, dtype, repeats)
                 if case.family == "video":
                     report["moe_layer"] = moe_vs_dense(model.blocks[0].ffn, sum(seq_lens), device, dtype, repeats)
         del model, prepared, latents

@@ -90,7 +90,7 @@ class DiTEngine:
         self.device = torch.device(self.config.device)
         self.dtype = getattr(torch, engine_dtype(self.config.dtype, self.config.device, "DiTEngineConfig.dtype"))
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        set_attention_backend(self.model, self.config.attention_backend)
+        set_attention_backend(self.model, self.config.attention_backend, self.device)
         if self.config.compile:
             compile_repeated_blocks(self.model)
         self.family = family

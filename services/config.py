@@ -43,7 +43,7 @@ MiB = 1024 * 1024
 # diffusers AttentionBackendName values the DiT can run on (dit_worker.models.attention)
 DiTAttentionBackend = Literal["native", "_native_flash", "_native_efficient", "_native_cudnn", "_native_math",
                               "flash", "flash_varlen", "_flash_3", "_flash_varlen_3", "sage", "sage_varlen",
-                              "flex", "xformers"]
+                              "flex", "xformers", "native_varlen"]
 DEFAULT_PRESET = "tiny-mammoth2"
 # The embedded default serves one model of each family so every task works out of the box.
 DEFAULT_MODELS = {"image": "tiny-mammoth2", "video": "tiny-mammoth25"}
@@ -181,7 +181,8 @@ class DiTEngine(_StageEngine):
     # 1280x720x121 with the 16x Wan2.2 VAE 111,600
     max_latent_tokens: PositiveInt = 131072
     # diffusers attention backend of both DiTs (dit_worker.models.attention): native reaches
-    # flash / memory-efficient SDPA on CUDA; *_varlen pack padded CFG rows (flash-attn / sage)
+    # flash / memory-efficient SDPA on CUDA; native_varlen: torch's flash varlen kernel for padded
+    # CFG rows (CUDA); flash_varlen / sage_varlen pack rows (flash-attn / sageattention packages)
     attention_backend: DiTAttentionBackend = "native"
     compile: bool = False  # torch.compile the DiT's repeated blocks (each new shape compiles once)
 

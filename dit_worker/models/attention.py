@@ -15,6 +15,11 @@ grouped KV heads would therefore only qualify for the math kernel, which materia
 * padding + a varlen backend (``flash_varlen``, ``sage_varlen``...) -> the boolean key mask
   ``[B, S]`` goes to the backend, which packs the real tokens of every row (no GQA flag: the
   kernels take fewer KV heads as they are);
+* padding + ``native_varlen`` (this module's, not a diffusers name) -> PyTorch's own flash varlen
+  kernel (``torch.nn.attention.varlen.varlen_attn``) on the padded layout: every row is one
+  sequence of ``S`` queries whose first ``seqused_k`` keys are real -- flash attention with GQA,
+  no packing copy and no host sync (needs CUDA and a torch whose ``varlen_attn`` takes
+  ``seqused_k`` and ``enable_gqa``);
 * padding + any other backend -> KV heads expanded to the query heads and a ``[B, 1, 1, S]``
   key mask without ``enable_gqa``: memory-efficient attention qualifies. Backends that take no
   mask at all (``flash``, ``_native_flash``, ``sage``) run padded calls on ``native``.
@@ -26,6 +31,7 @@ test and the GPU benchmark can check the rule on real inputs.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +56,8 @@ NO_GQA_BACKENDS = frozenset({"_native_efficient", "_native_cudnn", "_native_npu"
                              "flex"})
 
 _BACKENDS: dict[str, AttentionBackendName] = {b.value: b for b in AttentionBackendName}
-BACKEND_NAMES: tuple[str, ...] = tuple(_BACKENDS)
+NATIVE_VARLEN = "native_varlen"
+BACKEND_NAMES: tuple[str, ...] = (*_BACKENDS, NATIVE_VARLEN)
 
 
 def check_backend(name: str) -> str:
@@ -65,18 +72,23 @@ class AttentionPlan:
     """What :func:`attention` dispatches for one call."""
 
     backend: str  # the diffusers backend name that runs
-    mask: str  # "none" | "key_mask_2d" (varlen packing) | "key_mask_4d" | "additive"
+    mask: str  # "none" | "key_mask_2d" (varlen packing) | "key_mask_4d" | "additive" | "seqused_k"
     expand_kv: bool  # KV heads repeated to the query heads before dispatch
     enable_gqa: bool  # grouped KV heads handed to the kernel
 
 
 def plan_attention(num_heads: int, num_kv_heads: int, key_mask: torch.Tensor | None,
-                   backend: str | None = None) -> AttentionPlan:
-    """The dispatch decision for a call (see the module docstring); shapes and dtypes only."""
+                   backend: str | None = None, *, parallel: bool = False) -> AttentionPlan:
+    """The dispatch decision for a call (see the module docstring); shapes and dtypes only.
+    ``parallel``: a context-parallel config is active (diffusers runs it on its own backends)."""
     name = check_backend(backend or DEFAULT_BACKEND)
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     grouped = num_heads != num_kv_heads
+    if name == NATIVE_VARLEN:
+        if key_mask is not None and key_mask.dtype == torch.bool and not parallel:
+            return AttentionPlan(name, "seqused_k", expand_kv=False, enable_gqa=grouped)
+        name = DEFAULT_BACKEND
     if key_mask is None:
         no_gqa = name in NO_GQA_BACKENDS
         return AttentionPlan(name, "none", expand_kv=grouped and no_gqa, enable_gqa=grouped and not no_gqa)
@@ -96,7 +108,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_m
     to ``[B, 1, 1, Sk]``; ``None`` when nothing is padded. Returns ``[B, S, H, D]``.
     ``parallel_config``: a diffusers ``ContextParallelConfig`` (or None), passed through.
     """
-    plan = plan_attention(query.shape[2], key.shape[2], key_mask, backend)
+    plan = plan_attention(query.shape[2], key.shape[2], key_mask, backend, parallel=parallel_config is not None)
+    if plan.mask == "seqused_k":
+        if not query.is_cuda:
+            raise ValueError(f"attention backend {NATIVE_VARLEN!r}: {native_varlen_problem(query.device)}")
+        return _padded_varlen(query, key, value, key_mask, plan.enable_gqa)
     if plan.expand_kv:
         repeats = query.shape[2] // key.shape[2]
         key = key.repeat_interleave(repeats, dim=2)
@@ -108,16 +124,48 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_m
                                  backend=_BACKENDS[plan.backend], parallel_config=parallel_config)
 
 
+def native_varlen_problem(device: torch.device | str | None = None) -> str | None:
+    """Why ``native_varlen`` cannot run here (None: it can)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    params = inspect.signature(varlen_attn).parameters
+    if not {"seqused_k", "enable_gqa"} <= params.keys():
+        return f"torch {torch.__version__}: varlen_attn lacks seqused_k / enable_gqa"
+    if device is not None and torch.device(device).type != "cuda":
+        return "it runs PyTorch's CUDA flash kernel; the device is not cuda"
+    return None
+
+
+def _padded_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor,
+                   enable_gqa: bool) -> torch.Tensor:
+    """Rows of a padded batch as varlen sequences of ``S`` queries over their first
+    ``seqused_k`` keys (padding is at each row's end, as every caller lays it out)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, s, sk = query.shape[0], query.shape[1], key.shape[1]
+    steps = torch.arange(b + 1, device=query.device, dtype=torch.int32)
+    out = varlen_attn(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1), steps * s, steps * sk, s, sk,
+                      enable_gqa=enable_gqa, seqused_k=key_mask.sum(1, dtype=torch.int32))
+    return out.view(b, s, *out.shape[1:])
+
+
 def _processors(model: torch.nn.Module) -> list[Any]:
     return [m.processor for m in model.modules()
             if hasattr(getattr(m, "processor", None), "_parallel_config")]
 
 
-def set_attention_backend(model: torch.nn.Module, backend: str | None) -> int:
+def set_attention_backend(model: torch.nn.Module, backend: str | None, device: torch.device | str | None = None) -> int:
     """Route every DiT attention of ``model`` to ``backend`` (None = default); returns how many
-    processors were set. Mirrors diffusers' ``ModelMixin.set_attention_backend``."""
+    processors were set. Mirrors diffusers' ``ModelMixin.set_attention_backend``; ``device``
+    (where the model runs) lets backends that need CUDA refuse early."""
     name = None if backend is None else check_backend(backend)
-    if name is not None:
+    if name == NATIVE_VARLEN:
+        problem = native_varlen_problem(device)
+        if problem:
+            raise ValueError(f"attention backend {name!r} is not usable here: {problem}")
+    elif name is not None:
         try:  # the package a backend needs (flash-attn, sageattention...) must be importable now
             _check_attention_backend_requirements(_BACKENDS[name])
         except RuntimeError as error:

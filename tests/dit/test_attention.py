@@ -248,3 +248,42 @@ def test_qformer_attention_equals_torch_multihead_attention():
         expected = expected + layer.ffn(layer.ln_ffn(expected))
         torch.testing.assert_close(layer(q, kv, padding), expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(layer(q, kv, torch.zeros_like(padding)), expected, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ native_varlen
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, enable_gqa=False, seqused_k=None, **_):
+    """``torch.nn.attention.varlen.varlen_attn``'s documented semantics, one sequence at a time."""
+    assert q.shape[1] == k.shape[1] or enable_gqa
+    assert int((cu_q[1:] - cu_q[:-1]).max()) <= max_q and int((cu_k[1:] - cu_k[:-1]).max()) <= max_k
+    outs = []
+    for i in range(cu_q.numel() - 1):
+        n = int(seqused_k[i]) if seqused_k is not None else int(cu_k[i + 1] - cu_k[i])
+        ki, vi = k[cu_k[i]:cu_k[i] + n], v[cu_k[i]:cu_k[i] + n]
+        outs.append(_reference(q[cu_q[i]:cu_q[i + 1]][None], ki[None], vi[None], None)[0])
+    return torch.cat(outs)
+
+
+def test_native_varlen_plan_and_arguments(monkeypatch):
+    mask = torch.arange(10) < torch.tensor([[10], [4], [7]])
+    plan = plan_attention(6, 2, mask, "native_varlen")
+    assert (plan.backend, plan.mask, plan.expand_kv, plan.enable_gqa) == ("native_varlen", "seqused_k", False, True)
+    assert plan_attention(6, 2, None, "native_varlen") == plan_attention(6, 2, None, "native")
+    assert plan_attention(6, 2, mask, "native_varlen", parallel=True).backend == "native"  # diffusers runs CP
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 10, 6, 16, generator=g)
+    k, v = torch.randn(3, 10, 2, 16, generator=g), torch.randn(3, 10, 2, 16, generator=g)
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", _varlen_reference)
+    got = attn_mod._padded_varlen(q, k, v, mask, enable_gqa=True)
+    torch.testing.assert_close(got, attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_native_varlen_refuses_cpu(video_model):
+    with pytest.raises(ValueError, match="native_varlen.*not usable here"):
+        set_attention_backend(video_model, "native_varlen", "cpu")
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="native_varlen"):
+        attention(q, q, q, torch.tensor([[True, True, False, False]]), backend="native_varlen")
