@@ -80,7 +80,16 @@ class AttentionPlan:
 def plan_attention(num_heads: int, num_kv_heads: int, key_mask: torch.Tensor | None,
                    backend: str | None = None, *, parallel: bool = False) -> AttentionPlan:
     """The dispatch decision for a call (see the module docstring); shapes and dtypes only.
-    ``parallel``: a context-parallel config is active (diffusers runs it on its own backends)."""
+    ``parallel``: a context-parallel config is active -- diffusers' Ulysses / ring attention
+    takes no ``enable_gqa``, so grouped KV heads are expanded there."""
+    plan = _plan(num_heads, num_kv_heads, key_mask, backend, parallel)
+    if parallel and plan.enable_gqa:
+        return AttentionPlan(plan.backend, plan.mask, expand_kv=True, enable_gqa=False)
+    return plan
+
+
+def _plan(num_heads: int, num_kv_heads: int, key_mask: torch.Tensor | None, backend: str | None,
+          parallel: bool) -> AttentionPlan:
     name = check_backend(backend or DEFAULT_BACKEND)
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")

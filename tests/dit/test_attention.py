@@ -102,6 +102,16 @@ def test_plan(backend, masked, expect):
         assert not (plan.enable_gqa and plan.mask != "none")
 
 
+def test_context_parallel_plans_never_pass_gqa():
+    """diffusers' templated (Ulysses / ring) attention refuses enable_gqa: expand instead."""
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    for key_mask in (None, mask):
+        for backend in ("native", "native_varlen", "_native_cudnn"):
+            plan = plan_attention(6, 2, key_mask, backend, parallel=True)
+            assert not plan.enable_gqa and plan.expand_kv and plan.backend != "native_varlen"
+    assert plan_attention(4, 4, None, "native", parallel=True).expand_kv is False
+
+
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="'flashy'"):
         plan_attention(4, 4, None, "flashy")
