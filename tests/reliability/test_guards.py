@@ -198,7 +198,9 @@ def _ray_errors():
 def test_a_dead_or_restarting_stage_of_any_kind_is_unavailable_503():
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    for exc in [*_ray_errors(), EngineDeadError()]:
+    from dit_worker.parallel.group import GroupUnavailable
+
+    for exc in [*_ray_errors(), EngineDeadError(), GroupUnavailable("rank 1 died")]:
         error = classify(exc)
         assert (error.grpc_code, error.http_status) == (grpc.StatusCode.UNAVAILABLE, 503), type(exc)
         assert is_unavailable(exc)
