@@ -178,6 +178,15 @@ def _copy_files(src: Path, dst: Path, names: tuple[str, ...], *, required: tuple
     return copied
 
 
+def _write_video_processor_config(planner_dir: Path) -> None:
+    """vLLM builds the Qwen3-VL processor with its video half: derive that config from the
+    checkpoint's image processor config (same patch / merge sizes) when it ships none."""
+    image = _read_json(planner_dir / "preprocessor_config.json")
+    video = {k: v for k, v in image.items() if k != "image_processor_type"}
+    video.update(video_processor_type="Qwen3VLVideoProcessor", fps=2, do_sample_frames=True)
+    _write_json(planner_dir / "video_preprocessor_config.json", video)
+
+
 def planner_expected(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Planner tensor name -> shape for ``config`` (the reference model's names are the vLLM
     model's and the official ones), without the generation vocabulary when it has none."""
@@ -269,7 +278,9 @@ def _convert_mammothmoda2(src: Path, dst: Path, shard_bytes: int, **_: Any) -> d
     planner_dir = dst / "planner"
     _write_json(planner_dir / "config.json", planner_cfg)
     _copy_files(src, planner_dir, ("t2i_generation_config.json",), required=("t2i_generation_config.json",))
-    _copy_files(src, planner_dir, PLANNER_FILES + ("mammothu_vision_tokens.txt",))
+    copied = _copy_files(src, planner_dir, PLANNER_FILES + ("mammothu_vision_tokens.txt",))
+    if "preprocessor_config.json" in copied and "video_preprocessor_config.json" not in copied:
+        _write_video_processor_config(planner_dir)
     layout = TokenLayout.from_checkpoint(planner_dir)  # ids from the checkpoint's own files
     write_tokenizer_from_official(src, planner_dir, layout)
     settings = {"mode": "mammoth2", "condition_layers": list(config.get("gen_condition_layers")

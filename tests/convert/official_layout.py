@@ -182,6 +182,12 @@ def write_official_mammothmoda2(directory: Path, *, extra: dict[str, tuple[int, 
     assert start + 5 + 3 == GEN_DIT_T2I["visual_token_start_id"]
     (directory / "t2i_generation_config.json").write_text(json.dumps(GEN_DIT_T2I))
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MammothUTokenizer"}))
+    vision = llm["vision_config"]  # the Qwen3-VL image processor of the checkpoint, tiny sizes
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
+        "patch_size": vision["patch_size"], "temporal_patch_size": vision["temporal_patch_size"],
+        "merge_size": vision["spatial_merge_size"], "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "size": {"shortest_edge": 64 * 64, "longest_edge": 256 * 256}}))
     return tensors
 
 
