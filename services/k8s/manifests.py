@@ -138,8 +138,10 @@ def _pod_template(cfg: ServeConfig, shape: GroupShape, image: str) -> dict[str, 
             {"name": "client", "containerPort": 10001}, {"name": "serve", "containerPort": cfg.ingress.http_port},
             {"name": "grpc", "containerPort": cfg.ingress.grpc_port},
         ]
-        ready = f"{RAYLET_HEALTH} && {GCS_HEALTH} && {serve_health(cfg.ingress.http_port)}"
-        alive = f"{RAYLET_HEALTH} && {GCS_HEALTH}"
+        # Not the proxy's health: KubeRay submits serveConfigV2 once the head is ready, so that
+        # would never come. Serving traffic follows Serve health through the ray.io/serve label
+        # (KubeRay sets it from each proxy's /-/healthz), which the Service selects on.
+        ready = alive = f"{RAYLET_HEALTH} && {GCS_HEALTH}"
     else:
         # HeadOnly proxies: a worker is ready when its raylet is; with EveryNode also its proxy.
         ready = RAYLET_HEALTH if cfg.proxy_location == "HeadOnly" else \
@@ -233,9 +235,12 @@ def rayservice(cfg: ServeConfig, profile: Profile, image: str | None = None) -> 
 
 
 def _serving_selector(cfg: ServeConfig) -> dict[str, str]:
+    """Pods whose Serve proxy is healthy (KubeRay keeps ``ray.io/serve`` in step with
+    ``/-/healthz``: not yet deployed or draining -> no traffic); HeadOnly: the head only."""
+    selector = {INSTANCE_LABEL: cfg.k8s.name, "ray.io/serve": "true"}
     if cfg.proxy_location == "HeadOnly":
-        return {INSTANCE_LABEL: cfg.k8s.name, COMPONENT_LABEL: HEAD}
-    return {INSTANCE_LABEL: cfg.k8s.name, "ray.io/serve": "true"}  # KubeRay labels pods whose proxy is healthy
+        selector[COMPONENT_LABEL] = HEAD
+    return selector
 
 
 def ingress_service(cfg: ServeConfig) -> dict[str, Any]:

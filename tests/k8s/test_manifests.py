@@ -152,8 +152,10 @@ def test_gpu_groups_follow_the_stages_autoscaling_bounds():
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
         assert mounts["/models"]["readOnly"] is True
-        assert "healthz" in " ".join(container["readinessProbe"]["exec"]["command"])
+        assert "raylet_healthz" in " ".join(container["readinessProbe"]["exec"]["command"])
         assert "raylet_healthz" in " ".join(container["livenessProbe"]["exec"]["command"])
+    (service,) = _by_kind(_objects("gpu"), "Service")
+    assert service["spec"]["selector"]["ray.io/serve"] == "true", "traffic follows Serve's proxy health"
 
 
 def test_dit_pods_fit_the_parallel_group(monkeypatch):
