@@ -1,6 +1,11 @@
 """Both DiTs at real sizes on a GPU: step time, memory, GEMM efficiency, attention kernel, MoE cost.
 
     python -m bench.dit_gpu --json          # cuda if present (bf16, real sizes), else CPU (small)
+    python -m bench.dit_gpu --json --attention-backend native_varlen   # torch's flash varlen kernel
+
+On a bare GPU box with PyTorch: ``pip install diffusers safetensors``, then run it from the
+repository root (it imports ``dit_worker``, ``mammoth_common`` and ``bench`` from there);
+``pytest tests/dit/test_cuda.py`` checks what only a GPU can (kernels taken, no CUDA syncs).
 
 Needs only torch + diffusers + safetensors (no vLLM, no Ray): it builds the models from their
 configs with random weights on the device. Per config it times the engine's real per-step
