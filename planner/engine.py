@@ -469,37 +469,46 @@ class PlannerEngine:
                    "layers": list(self.config.condition_layers), "owner_pid": os.getpid()} if block else {}
         guided: list[int] = []  # tokens chosen with guidance by earlier (desynchronised) attempts
         prompt_rows = 0
+        held = 0  # sequence slots this plan holds
         try:
-            async with _Slot(self._slots, 2 if use_cfg else 1):
-                for attempt in itertools.count():
-                    if reference_images:
-                        # Multimodal prompts restart from scratch (the processor expands them anew).
-                        guided = []
-                        cond_prompt: Any = {"prompt": text, "multi_modal_data": {"image": list(reference_images)}}
-                    else:
-                        cond_prompt = {"prompt_token_ids": text_ids + guided}
-                    uncond_prompt = {"prompt_token_ids": text_ids[-n_uncond:] + guided} if use_cfg else None
-                    spec = {**base, "pair": self._new_id("plan"), "offset": len(guided)}
-                    # A repair may read the rows an earlier attempt already exported from the
-                    # prefix cache: the pair's prefills then shrink to about one block each and
-                    # fit one step even under a small token budget (chunked prefill).
-                    known = len(text_ids) + len(guided) if not reference_images else prompt_rows
-                    reads_cache = block is None or (attempt > 0 and block.written_prefix() >= known - 1)
-                    out, stopped = await self._run_pair(spec, capture, cond_prompt, uncond_prompt,
-                                                        grid_len + 2 - len(guided), reads_cache)
-                    prompt_rows = len(out.prompt_token_ids)
-                    if stopped is None:
-                        break
-                    self.stats["cfg_desyncs"] += 1
-                    if attempt >= self.config.max_cfg_repairs:
-                        self.stats["cfg_failures"] += 1
-                        raise GuidanceError(
-                            f"AR-CFG pair fell out of step at grid position {len(guided) + stopped} "
-                            f"{attempt + 1} times (preemption or token budget); refusing an unguided plan")
-                    guided = guided + list(out.outputs[0].token_ids[:stopped])
-                    self.stats["cfg_repairs"] += 1
-                    logger.warning("AR-CFG pair out of step at grid position %d; resubmitting (repair %d)",
-                                   len(guided), attempt + 1)
+            for attempt in itertools.count():
+                # A repair runs alone (all slots, taken after releasing ours: no deadlock), so
+                # no other request's prefill or decode takes the step budget its pair needs.
+                want = self._slots.capacity if attempt > 0 and use_cfg else (2 if use_cfg else 1)
+                if want != held:
+                    if held:
+                        await self._slots.release(held)
+                        held = 0
+                    await self._slots.acquire(want)
+                    held = want
+                if reference_images:
+                    # Multimodal prompts restart from scratch (the processor expands them anew).
+                    guided = []
+                    cond_prompt: Any = {"prompt": text, "multi_modal_data": {"image": list(reference_images)}}
+                else:
+                    cond_prompt = {"prompt_token_ids": text_ids + guided}
+                uncond_prompt = {"prompt_token_ids": text_ids[-n_uncond:] + guided} if use_cfg else None
+                spec = {**base, "pair": self._new_id("plan"), "offset": len(guided)}
+                # A repair may read the rows an earlier attempt already exported from the
+                # prefix cache: the pair's prefills then shrink to about one block each and
+                # fit one step even under a small token budget (chunked prefill).
+                known = len(text_ids) + len(guided) if not reference_images else prompt_rows
+                reads_cache = block is None or (attempt > 0 and block.written_prefix() >= known - 1)
+                out, stopped = await self._run_pair(spec, capture, cond_prompt, uncond_prompt,
+                                                    grid_len + 2 - len(guided), reads_cache)
+                prompt_rows = len(out.prompt_token_ids)
+                if stopped is None:
+                    break
+                self.stats["cfg_desyncs"] += 1
+                if attempt >= self.config.max_cfg_repairs:
+                    self.stats["cfg_failures"] += 1
+                    raise GuidanceError(
+                        f"AR-CFG pair fell out of step at grid position {len(guided) + stopped} "
+                        f"{attempt + 1} times (preemption or token budget); refusing an unguided plan")
+                guided = guided + list(out.outputs[0].token_ids[:stopped])
+                self.stats["cfg_repairs"] += 1
+                logger.warning("AR-CFG pair out of step at grid position %d; resubmitting (repair %d)",
+                               len(guided), attempt + 1)
             t_gen = time.perf_counter()
             full = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
             prompt_len = len(full) - len(out.outputs[0].token_ids) - len(guided)
@@ -515,6 +524,8 @@ class PlannerEngine:
                 neg_task.cancel()
             raise
         finally:
+            if held:
+                await asyncio.shield(self._slots.release(held))
             if block is not None:
                 block.free()
                 self._live_blocks.discard(block)
