@@ -10,8 +10,8 @@ repository root (it imports ``dit_worker``, ``mammoth_common`` and ``bench`` fro
 Needs only torch + diffusers + safetensors (no vLLM, no Ray): it builds the models from their
 configs with random weights on the device. Per config it times the engine's real per-step
 forward (``model(latents, t, prepared)``, CFG rows batched, conditions prepared once) of two
-copies of the model that differ only in depth (``L1`` and ``L2`` blocks) and extrapolates to the
-real depth: ``step(N) = t(L1) + (N - L1) * (t(L2) - t(L1)) / (L2 - L1)``.
+copies of the model that differ only in depth (``L1`` and ``L2`` blocks; both resident, their
+runs interleaved so machine load hits them alike) and extrapolates to the real depth: ``step(N) = t(L1) + (N - L1) * (t(L2) - t(L1)) / (L2 - L1)``.
 
 Reported per config: ``step_s`` (full model, extrapolated), ``per_layer_ms``, peak memory of
 the ``L2`` run and its full-depth estimate (plus the weights the ``L2`` model lacks),
@@ -319,39 +319,48 @@ def moe_vs_dense(layer: MoELayer, tokens: int, device: torch.device, dtype: torc
 def measure(case: Case, device: torch.device, dtype: torch.dtype, layers: tuple[int, int], repeats: int,
             gemm: float, backend: str, compile_blocks: bool) -> dict:
     full_layers = case.config.num_layers
-    timings, peak, weights = {}, 0, {}
+    weights, forwards, models = {}, {}, {}
     report: dict = {}
-    for n in layers:
-        model = build(case, n, device, dtype)
-        attention_mod.set_attention_backend(model, backend, device)
-        if compile_blocks:
-            compile_repeated_blocks(model)
-        weights[n] = param_bytes(model)
-        with torch.inference_mode():
+    with torch.inference_mode():
+        for n in layers:  # both depths resident, so their runs interleave (load drift hits both)
+            model = build(case, n, device, dtype)
+            attention_mod.set_attention_backend(model, backend, device)
+            if compile_blocks:
+                compile_repeated_blocks(model)
+            weights[n] = param_bytes(model)
             prepared = model.prepare(conditions(case, device, dtype))
             rows = len(case.prompt_lens)
             latents = torch.randn(rows, *case.latent_shape, device=device, dtype=dtype)
             t = torch.full((rows,), 0.5 if case.family == "image" else 500.0, device=device)
-
-            def forward(model=model, prepared=prepared, latents=latents, t=t):
-                return model(latents, t, prepared)
-
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            timings[n] = median_seconds(forward, repeats, device)
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device)
-            if n == layers[0]:
-                n_latent, seq_lens = row_lengths(case, model, prepared)
-                report["attention"] = attention_report(model, forward, device)
-                report["attention"]["one_call_ms"] = attention_timings(case, seq_lens, device, dtype, repeats)
-                if case.family == "video":
-                    report["moe_layer"] = moe_vs_dense(model.blocks[0].ffn, sum(seq_lens), device, dtype, repeats)
-        del model, prepared, latents
-        if device.type == "cuda":
+            forwards[n] = lambda model=model, prepared=prepared, latents=latents, t=t: model(latents, t, prepared)
+            models[n] = (model, prepared)
+        samples: dict[int, list[float]] = {n: [] for n in layers}
+        for fn in forwards.values():
+            fn()
+        for _ in range(repeats):
+            for n, fn in forwards.items():
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                samples[n].append(time.perf_counter() - start)
+        timings = {n: statistics.median(v) for n, v in samples.items()}
+        l1, l2 = layers
+        if device.type == "cuda":  # one deep forward alone; the shallow model's weights are resident
             torch.cuda.empty_cache()
-    l1, l2 = layers
+            torch.cuda.reset_peak_memory_stats(device)
+            forwards[l2]()
+            _sync(device)
+            peak = torch.cuda.max_memory_allocated(device) - weights[l1]
+        model, prepared = models[l1]
+        n_latent, seq_lens = row_lengths(case, model, prepared)
+        report["attention"] = attention_report(model, forwards[l1], device)
+        report["attention"]["one_call_ms"] = attention_timings(case, seq_lens, device, dtype, repeats)
+        if case.family == "video":
+            report["moe_layer"] = moe_vs_dense(model.blocks[0].ffn, sum(seq_lens), device, dtype, repeats)
+    del models, forwards, model, prepared
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     per_layer = max(0.0, (timings[l2] - timings[l1]) / (l2 - l1))
     step_s = timings[l1] + (full_layers - l1) * per_layer
     flops = step_flops(case, full_layers, n_latent, seq_lens)
