@@ -50,8 +50,8 @@ VARLEN_BACKENDS = frozenset({"flash_varlen", "flash_varlen_hub", "_flash_varlen_
 # Backends that take no mask: padded calls fall back to ``native`` (expanded KV heads + mask).
 MASKLESS_BACKENDS = frozenset({"flash", "flash_hub", "flash_4_hub", "_flash_3", "_flash_3_hub", "_native_flash",
                                "sage", "sage_hub", "sage_blackwell_hub", "aiter_fa2_hub"})
-# Backends whose dispatch signature has no ``enable_gqa``: they need equal KV heads
-# (flash / sage kernels accept fewer KV heads directly and are not listed).
+# Backends whose kernels need equal query and KV heads (memory-efficient / cuDNN SDPA refuse
+# ``enable_gqa``; the others take no such flag). Flash / sage kernels accept fewer KV heads.
 NO_GQA_BACKENDS = frozenset({"_native_efficient", "_native_cudnn", "_native_npu", "_native_xla", "xformers",
                              "flex"})
 
