@@ -41,7 +41,10 @@ DEFAULT_SHARD_BYTES = 4 << 30
 # Official tensors that no served stage uses, by prefix, with the reason (reported in the index).
 IGNORED: dict[str, dict[str, str]] = {
     "mammothmoda2": {
-        tok_official.OFFICIAL_PREFIX + p: why for p, why in tok_official.IGNORED_PREFIXES.items()
+        **{tok_official.OFFICIAL_PREFIX + p: why for p, why in tok_official.IGNORED_PREFIXES.items()},
+        # Saved by earlier official code (a separate refiner module); the official model class
+        # has no such child any more (its QFormer is gen_transformer.time_caption_embed.image_embedder).
+        "gen_image_condition_refiner.": "not part of the official MammothModa2 model class",
     },
     "mammothmoda25": {},
 }

@@ -148,6 +148,13 @@ def test_unmapped_missing_or_misshaped_official_tensors_are_refused_by_name(offi
     assert not (tmp_path / "dst").exists()  # nothing half-written is left
 
 
+def test_tensors_the_official_model_class_does_not_use_are_ignored_and_reported(official2, tmp_path):
+    src = _variant(official2[0], tmp_path / "src", extra={"gen_image_condition_refiner.layers.0.weight": (4, 4)})
+    index = convert(src, tmp_path / "dst", "mammothmoda2")
+    ignored = json.loads((index.root / "model_index.json").read_text())["ignored"]
+    assert ignored["not part of the official MammothModa2 model class"] == 1
+
+
 def test_a_wrong_visual_start_in_the_generation_config_is_refused(official2, tmp_path):
     src = _variant(official2[0], tmp_path / "src")
     (src / "t2i_generation_config.json").unlink()
