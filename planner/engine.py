@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dit_worker.checkpoint import DataclassConfig
+from mammoth_common.cpu import engine_dtype
 
 from .presets import DEFAULT_CONDITION_LAYERS
 from .runtime import EXTRA_KEY, block_bytes, block_views
@@ -116,7 +117,7 @@ class PlannerConfig(DataclassConfig):
     def engine_args(self) -> dict[str, Any]:
         args: dict[str, Any] = dict(
             model=self.model,
-            dtype=self.dtype,
+            dtype=engine_dtype(self.dtype, "cpu", "PlannerConfig.dtype") if self.device == "cpu" else self.dtype,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             enforce_eager=self.enforce_eager,

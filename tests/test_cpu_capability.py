@@ -114,8 +114,10 @@ def test_cpuinfo_flags(tmp_path):
     assert cpu._cpuinfo_flags(tmp_path / "missing") == frozenset()
 
 
-def test_matmul_probe_is_a_positive_ratio():
+def test_matmul_probe_is_a_positive_ratio_and_restores_threads():
+    threads = torch.get_num_threads()
     assert cpu.matmul_time_vs_float32("bfloat16", n=32, repeats=1) > 0
+    assert torch.get_num_threads() == threads
 
 
 # ------------------------------------------------------------------ decisions that follow
