@@ -233,8 +233,10 @@ def app(args: dict[str, Any]) -> serve.Application:
     if size > 1:  # bundle 0: the replica; bundle r + 1: rank r (one GPU each on cuda)
         actor = cfg.dit.ray_actor_options
         parallel = cfg.dit.engine.parallel
+        # The replica's engine runs on CPU tensors (the ranks hold the model): no GPU of its own.
+        options["ray_actor_options"]["num_gpus"] = 0
         # the replica's custom resources too (Serve requires them in bundle 0; k8s pins groups by them)
-        replica = {"CPU": actor.num_cpus, **({"GPU": actor.num_gpus} if actor.num_gpus else {}), **actor.resources}
+        replica = {"CPU": actor.num_cpus, **actor.resources}
         rank = {"CPU": parallel.rank_num_cpus,
                 **({"GPU": 1.0} if cfg.resolved_device("dit") == "cuda" else {})}
         options["placement_group_bundles"] = [replica] + [rank] * size
