@@ -1,7 +1,8 @@
 """VAE stage throughput and memory: video decode tiled vs untiled, image decode batch 1 vs 4.
 
 Every measurement runs in a fresh child process (so its peak RSS is its own): the child loads the
-engine, records RSS, decodes once to warm up, times ``--repeats`` decodes, and reports
+engine, records RSS, decodes once to warm up, times ``--repeats`` decodes (fewer when the warm-up
+says they would pass ``--budget-s``: tiled decodes are slow on CPU), and reports
 ``ru_maxrss`` (peak) and the peak minus the RSS after loading (the decode's own working set).
 Tiled runs get half the untiled decode's estimated memory as their budget, so the planner picks
 the tile it would pick in service (``vae_worker.memory``). Random-weight tiny presets by default: absolute figures are for the tiny VAEs,
@@ -51,9 +52,11 @@ def _worker(spec: dict) -> dict:
     else:
         latents = torch.randn(spec["batch"], vae.latent_channels, h, w, generator=gen)
     base = _rss_mb()
+    warm = time.perf_counter()
     vae.decode(latents)  # warm-up (same shapes: the peak is the same)
+    repeats = max(1, min(spec["repeats"], int(spec["budget_s"] / max(time.perf_counter() - warm, 1e-9))))
     times, cpu_times = [], []
-    for _ in range(spec["repeats"]):
+    for _ in range(repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
         out = vae.decode(latents)
         times.append(time.perf_counter() - start)
@@ -71,6 +74,7 @@ def _worker(spec: dict) -> dict:
         "estimate_mb": round(plan.estimate_bytes / 2**20, 1),
         "tile": plan.tile,
         "out_shape": list(out.shape),
+        "repeats": repeats,
     }
 
 
@@ -88,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--image-preset", default="tiny-mammoth2")
     parser.add_argument("--video-preset", default="tiny-mammoth25")
-    parser.add_argument("--video-sizes", default="192,320", help="square frame sides in px (two sizes)")
+    parser.add_argument("--video-sizes", default="192,256", help="square frame sides in px (two sizes)")
     parser.add_argument("--frames", type=int, default=5, help="frames per video (4k+1)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=20.0, help="timed decodes per measurement at most this long")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--dry-run", action="store_true", help="print what would run (JSON) and exit")
     args = parser.parse_args(argv)
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         write_random_checkpoint(args.video_preset, f"{tmp}/video", seed=0)
         write_random_checkpoint(args.image_preset, f"{tmp}/image", seed=0)
-        common = {"threads": args.threads, "repeats": args.repeats}
+        common = {"threads": args.threads, "repeats": args.repeats, "budget_s": args.budget_s}
         video = {}
         for side in (int(s) for s in args.video_sizes.split(",")):
             row = {}
