@@ -355,7 +355,19 @@ def _convert_mammothmoda25(src: Path, dst: Path, shard_bytes: int,
     if "tokenizer.json" not in copied and "vocab.json" not in copied:
         raise ConvertError(f"{tok_src}: no tokenizer.json or vocab.json")
     _copy_files(parts["text_encoder"], planner_dir, ("generation_config.json",))
-    _copy_files(tok_src, planner_dir, ("preprocessor_config.json", "video_preprocessor_config.json"))
+    processors = ("preprocessor_config.json", "video_preprocessor_config.json")
+    copied = _copy_files(tok_src, planner_dir, processors) or _copy_files(parts["text_encoder"], planner_dir, processors)
+    if "preprocessor_config.json" not in copied:
+        # The pipeline only encodes text, but vLLM builds the Qwen3-VL processor: its image half
+        # from the text encoder's own vision config (Qwen3-VL's processor defaults otherwise).
+        vision = planner_cfg["vision_config"]
+        _write_json(planner_dir / "preprocessor_config.json", {
+            "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
+            "patch_size": vision.get("patch_size", 16), "temporal_patch_size": vision.get("temporal_patch_size", 2),
+            "merge_size": vision.get("spatial_merge_size", 2), "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+            "size": {"shortest_edge": 65536, "longest_edge": 16777216}})
+    if "video_preprocessor_config.json" not in copied:
+        _write_video_processor_config(planner_dir)
     _write_json(planner_dir / "planner_settings.json", {"mode": "mammoth25", "prompt_max_length": dit_cfg.text_len})
     write_tensors(plans["planner"].source, planner_map, planner_dir, "model", shard_bytes)
 
