@@ -95,12 +95,24 @@ def test_eight_concurrent_cfg_plans_under_preemption_equal_the_reference(engine,
     preempted and out of step; every plan is still the guided reference, every export complete."""
     prompts = [f"{LONG}, variant {i}" for i in range(8)]
 
+    seats = {"most": 0}
+
     async def all_plans():
-        return await asyncio.gather(*(engine.plan_image(p, ar_height=4, ar_width=6, cfg_scale=SCALE, temperature=0.0)
-                                      for p in prompts))
+        plans = asyncio.gather(*(engine.plan_image(p, ar_height=4, ar_width=6, cfg_scale=SCALE, temperature=0.0)
+                                 for p in prompts))
+        while not plans.done():
+            seats["most"] = max(seats["most"], engine._slots.capacity - engine._slots.free)
+            await asyncio.sleep(0.02)
+        return await plans
 
     before = dict(engine.stats)
     results = run(engine, all_plans())
+    # Three pairs were in flight at once (or a repair alone held all seats), and three grown pairs
+    # need more KV blocks than exist: vLLM had to preempt.
+    pair_tokens = [len(engine._encode(engine.t2i_prompt(p, 4, 6))) + 4 * 7 + 2 for p in prompts]
+    pair_blocks = min(-(-n // 32) + -(-(10 + 4 * 7 + 2) // 32) for n in pair_tokens)
+    assert seats["most"] >= 6 and 3 * pair_blocks > engine.config.num_kv_blocks
+    print("guidance stats (8 concurrent)", dict(engine.stats))
     for prompt, res in zip(prompts, results):
         assert res.visual_token_ids.tolist() == _expected(engine, reference, prompt, 4, 6), prompt
     for res in results[:2]:
