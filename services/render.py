@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .config import DeploymentSettings, IngressSettings, ServeConfig
+from .config import ConfigError, DeploymentSettings, IngressSettings, ServeConfig
 
 
 @dataclass(frozen=True)
@@ -117,14 +117,39 @@ def stage_app_name(model: str, stage: str) -> str:
     return f"{model}-{stage}"
 
 
+def dit_placement(cfg: ServeConfig, model: str) -> dict[str, Any] | None:
+    """A parallel DiT replica's placement group (MoE models with ``dit.engine.parallel.size`` > 1):
+    bundle 0 the replica (its CPUs and custom resources, no GPU: the ranks hold the model), then
+    one bundle per rank (one GPU each on cuda). ``services.apps.dit.app`` builds the same options;
+    the rendered config must carry them too, since its ``ray_actor_options`` override the builder's."""
+    parallel = cfg.dit.engine.parallel
+    if parallel.size <= 1 or model not in cfg.models:
+        return None
+    try:
+        family = cfg.models[model].family()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"models.{model}: cannot tell whether dit.engine.parallel applies ({exc})") from None
+    if family != "mammoth25":
+        return None
+    actor = cfg.dit.ray_actor_options
+    rank = {"CPU": parallel.rank_num_cpus, **({"GPU": 1.0} if cfg.resolved_device("dit") == "cuda" else {})}
+    return {"num_gpus": 0, "placement_group_bundles": [{"CPU": actor.num_cpus, **actor.resources}] + [rank] * parallel.size,
+            "placement_group_strategy": parallel.placement_strategy}
+
+
 def _application(cfg: ServeConfig, spec: AppSpec, section: DeploymentSettings, route_prefix: str | None,
                  args: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    deployment = deployment_config(spec.deployment, section, shutdown_grace_s=cfg.shutdown_grace_s)
+    placement = dit_placement(cfg, args.get("model", "")) if spec.name == "dit" else None
+    if placement is not None:
+        deployment["ray_actor_options"]["num_gpus"] = placement.pop("num_gpus")
+        deployment.update(placement)
     app: dict[str, Any] = {
         "name": name or spec.name,
         "import_path": spec.import_path,
         "route_prefix": route_prefix,
         "args": copy.deepcopy(args),  # no shared objects: plain YAML without anchors
-        "deployments": [deployment_config(spec.deployment, section, shutdown_grace_s=cfg.shutdown_grace_s)],
+        "deployments": [deployment],
     }
     env = stage_env_vars(cfg, spec.name)
     if env:

@@ -47,15 +47,15 @@ def replica_gpus(cfg: ServeConfig, stage: str) -> float:
     """GPUs one replica of ``stage`` holds, its worker ranks included.
 
     The planner runs vLLM's tensor-parallel ranks inside the replica. A parallel DiT replica is
-    a STRICT_PACK placement group: the replica's own bundle plus one bundle (one GPU) per rank,
-    so the whole group must fit on one node."""
+    a STRICT_PACK placement group (``render.dit_placement``): the replica's bundle (no GPU) plus
+    one bundle of one GPU per rank, so the whole group must fit on one node."""
     gpus = getattr(cfg, stage).ray_actor_options.num_gpus
     if cfg.resolved_device(stage) != "cuda":
         return 0.0
     if stage == "planner":
         return max(gpus, float(cfg.planner.engine.tensor_parallel_size))
     if stage == "dit" and dit_parallel_size(cfg) > 1:
-        return gpus + dit_parallel_size(cfg)
+        return float(dit_parallel_size(cfg))  # the ranks' GPUs; the replica itself holds none
     return gpus
 
 

@@ -166,11 +166,11 @@ def test_dit_pods_fit_the_parallel_group(monkeypatch):
     else:
         monkeypatch.setattr("services.k8s.topology.dit_parallel_size", lambda _cfg: 4)
     shape = stage_group(cfg, "dit")
-    # STRICT_PACK placement group: the replica's bundle plus one GPU per rank, all on one pod
-    assert shape.gpus == cfg.dit.ray_actor_options.num_gpus + 4 and shape.replicas_per_pod == 1
+    # STRICT_PACK placement group: the replica's bundle (no GPU) plus one GPU per rank, on one pod
+    assert shape.gpus == 4 and shape.replicas_per_pod == 1
     assert shape.max_pods == cfg.dit.autoscaling.max_replicas * len(cfg.models)
     too_small = cfg.model_copy(update={"k8s": cfg.k8s.model_copy(update={
-        "dit": cfg.k8s.dit.model_copy(update={"gpus": 4})})})
+        "dit": cfg.k8s.dit.model_copy(update={"gpus": 2})})})
     with pytest.raises(ValueError, match=r"k8s\.dit\.gpus"):
         stage_group(too_small, "dit")
 
@@ -260,3 +260,28 @@ def test_checked_in_examples_are_up_to_date(profile, capsys):
     path = EXAMPLES / f"rayservice-{profile}.yaml"
     assert path.read_text() == fresh, (f"{path} is stale: regenerate with "
                                        f"`mammoth k8s render --profile {profile} -o k8s/{path.name}`")
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_parallel_dit_placement_is_rendered_as_the_builder_builds_it(profile):
+    from services.apps.dit import app as dit_app
+
+    data = profile_config(profile).to_dict()
+    data["dit"]["engine"]["parallel"]["size"] = 2
+    cfg = ServeConfig.from_dict(data)
+    serve = _serve(render_manifests(cfg, profile)[0])
+    validate_serve_config(serve)
+    for app in serve["applications"]:
+        if not app["name"].endswith("-dit"):
+            continue
+        (deployment,) = app["deployments"]
+        built = dit_app(app["args"])._bound_deployment._replica_config
+        if cfg.models[app["args"]["model"]].family() == "mammoth25":
+            assert deployment["placement_group_bundles"] == built.placement_group_bundles
+            assert deployment["placement_group_strategy"] == built.placement_group_strategy == "STRICT_PACK"
+            assert deployment["placement_group_bundles"][0]["mammoth_dit"] == 1.0, "bundle 0 holds the group pin"
+            assert deployment["ray_actor_options"]["num_gpus"] == built.ray_actor_options["num_gpus"] == 0
+            gpus = sum(b.get("GPU", 0) for b in deployment["placement_group_bundles"])
+            assert gpus == (2 if profile == "gpu" else 0)
+        else:  # image DiTs stay one process
+            assert "placement_group_bundles" not in deployment and built.placement_group_bundles is None
