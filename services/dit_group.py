@@ -156,6 +156,13 @@ class RankGroup:
 
     # -- transport --------------------------------------------------------------------------
     def submit(self, plan: StepPlan) -> Any:
+        if plan.op == "stats":  # rank 0 answers from its last step, beside a running one
+            if not self._ready.is_set() or self._error is not None or not self.actors:
+                raise GroupUnavailable("DiT rank group is not up")
+            try:
+                return ray.get(self.actors[0].submit.remote(plan), timeout=_CALL_MARGIN_S)
+            except (GetTimeoutError, RayError) as exc:
+                raise GroupUnavailable(f"DiT rank 0 did not answer ({type(exc).__name__})") from None
         with self._lock:
             if not self._ready.wait(self.settings.start_timeout_s) or self._error is not None:
                 raise GroupUnavailable(f"DiT rank group is not up ({self._error or 'still starting'})")

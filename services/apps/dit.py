@@ -138,12 +138,12 @@ class DiTDeployment:
         """Serve's probe: the batching loop is alive and the engine (every rank) answers."""
         await asyncio.to_thread(self.stage.check_health)
 
-    def expert_metrics(self) -> dict[str, Any]:
+    async def expert_metrics(self) -> dict[str, Any]:
         """Per-layer tokens per expert since start (what ``mammoth dit placement --from-metrics``
         reads): the group counts every step; a single process sums the last step of each request."""
         counts = self._layer_totals
         if self.group is not None:
-            counts = self.stage.engine.model.stats()["total_expert_counts"]
+            counts = (await asyncio.to_thread(self.stage.engine.model.stats))["total_expert_counts"]
         return {"model": self.model, "expert_counts": counts}
 
     def _record_expert_load(self) -> None:
