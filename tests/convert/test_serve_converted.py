@@ -94,3 +94,35 @@ def test_understanding_from_a_converted_checkpoint(served):
                               generation_pb2.ContentPart(text="What is in this picture?")])])
     deltas = _run(loop, flows.understand(stages, understand_job(msg, cfg.ingress.limits)))
     assert deltas and "".join(deltas)
+
+
+@pytest.fixture(scope="module")
+def served25(tmp_path_factory):
+    from services.config import ServeConfig
+    from services.local import start_local_stages
+
+    from .official_layout import MOE, REFINER, write_official_mammothmoda25
+
+    src = tmp_path_factory.mktemp("official25")
+    write_official_mammothmoda25(src)
+    model = convert(src, tmp_path_factory.mktemp("served25") / "model", "mammothmoda25",
+                    dit_overrides={"moe": MOE, "refiner": REFINER})
+    cfg = ServeConfig.loads(f"models:\n  video: {{path: {model.root}}}\n")
+    loop = asyncio.new_event_loop()
+    stages = loop.run_until_complete(start_local_stages(cfg, "video"))
+    try:
+        yield loop, stages, model, cfg
+    finally:
+        loop.run_until_complete(stages.close())
+        loop.close()
+
+
+def test_text_to_video_from_a_converted_25_checkpoint(served25):
+    from protos import generation_pb2
+    from services import flows
+    from services.jobs import video_job
+
+    loop, stages, model, cfg = served25
+    msg = generation_pb2.GenerateVideoRequest(prompt="waves on a beach", width=64, height=64, frames=5, steps=2, seed=1)
+    result = _run(loop, flows.text_to_video(stages, video_job(msg, model.defaults, cfg.ingress.limits, edit=False)))[-1]
+    assert isinstance(result, flows.Result) and result.steps == 2 and result.media.data
