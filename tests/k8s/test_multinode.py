@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,3 +175,4 @@ def test_cpu_profile_serves_across_worker_groups(tmp_path):
         for proc in started:
             proc.wait(timeout=30)
     assert not wait_gone(seen + marked(marker), 30), "Ray processes left behind"
+    shutil.rmtree(marker, ignore_errors=True)
