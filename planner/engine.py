@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -167,12 +168,51 @@ class PlanResult:
         return grid - visual_start
 
 
+BLOCK_PREFIX = "mammoth-hs"  # /dev/shm/mammoth-hs-<owner pid>-<random>
+SHM_DIR = Path("/dev/shm")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def sweep_orphaned_blocks(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink hidden-state blocks whose owning engine process is gone.
+
+    A SIGKILLed planner cannot unlink its own blocks, and its resource tracker dies with it (Ray
+    kills a dead worker's children), so the next engine on the node sweeps them at start. Blocks
+    of live engines (another replica on the same node) are left alone.
+    """
+    swept = []
+    for path in shm_dir.glob(f"{BLOCK_PREFIX}-*-*"):
+        owner = path.name[len(BLOCK_PREFIX) + 1:].split("-", 1)[0]
+        if owner.isdigit() and not _pid_alive(int(owner)):
+            try:
+                path.unlink()
+                swept.append(path.name)
+            except FileNotFoundError:
+                pass
+    if swept:
+        logger.warning("unlinked %d hidden-state blocks left by dead planner processes", len(swept))
+    return swept
+
+
 class _SharedRows:
-    """A [rows, dim] float32 block (+ per-row write counts) in POSIX shared memory, owned here."""
+    """A [rows, dim] float32 block (+ per-row write counts) in POSIX shared memory, owned here.
+
+    Its name carries the owner's pid so a later engine can tell an orphan (``sweep_orphaned_blocks``).
+    """
 
     def __init__(self, rows: int, dim: int):
         self.rows, self.dim = rows, dim
-        self.shm = shared_memory.SharedMemory(create=True, size=block_bytes(rows, dim))
+        self.shm = shared_memory.SharedMemory(name=f"{BLOCK_PREFIX}-{os.getpid()}-{secrets.token_hex(8)}",
+                                              create=True, size=block_bytes(rows, dim))
         self.name = self.shm.name
         _, counts = block_views(self.shm.buf, rows, dim)
         counts[:] = 0
@@ -276,6 +316,8 @@ class PlannerEngine:
 
         cfg = self.config
         cfg.apply_env()
+        if SHM_DIR.is_dir():
+            sweep_orphaned_blocks()
         import json
 
         hf = json.loads((Path(cfg.model) / "config.json").read_text())

@@ -60,3 +60,27 @@ def test_runtime_reads_chunk_offsets_and_sampling_rows_from_the_batch():
     rt.note_batch([0, 6, 7], [6, 6])  # row 0: tokens 0..5 of 10 (partial); row 1: one decode token
     assert rt.chunk_offset(0) == 0 and rt.chunk_offset(1) == 5
     assert not rt.samples(0, rt.rows[0]) and rt.samples(1, rt.rows[1])
+
+
+def test_blocks_of_dead_owners_are_swept_and_live_ones_kept(block):
+    import subprocess
+    from pathlib import Path
+
+    from planner.engine import BLOCK_PREFIX, SHM_DIR, sweep_orphaned_blocks
+
+    assert block.name.startswith(f"{BLOCK_PREFIX}-{os.getpid()}-")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = Path(SHM_DIR) / f"{BLOCK_PREFIX}-{dead.pid}-0123abcd"
+    orphan.write_bytes(b"\0" * 64)
+    unrelated = Path(SHM_DIR) / "psm_not_ours"
+    unrelated.write_bytes(b"\0")
+    try:
+        swept = sweep_orphaned_blocks()
+        assert orphan.name in swept and not orphan.exists()
+        assert (Path(SHM_DIR) / block.name).exists()  # this (live) process's block stays
+        assert unrelated.exists()
+        block.read(0)
+    finally:
+        orphan.unlink(missing_ok=True)
+        unrelated.unlink(missing_ok=True)

@@ -606,10 +606,10 @@ def test_killing_the_ingress_keeps_finished_video_jobs_and_ends_in_flight_reques
 
 
 def _shm_blocks(pid: int) -> set[str]:
-    """POSIX shared-memory blocks (``/dev/shm/psm_*``, Python's) a process has mapped."""
+    """The planner's hidden-state blocks (``/dev/shm/mammoth-hs-*``) a process has mapped."""
     try:
         with open(f"/proc/{pid}/maps") as maps:
-            return {line.split()[-1] for line in maps if "/dev/shm/psm_" in line}
+            return {line.split()[-1] for line in maps if "/dev/shm/mammoth-hs-" in line}
     except OSError:
         return set()
 
@@ -631,9 +631,8 @@ def test_killing_the_planner_replica_mid_request_retries_or_answers_503(served, 
 KILLED_PLANNER_BLOCKS: set[str] = set()  # the killed planner's hidden-state blocks, for the next test
 
 
-@pytest.mark.xfail(strict=True, reason="known leak (planner): Ray kills a dead worker's children, so the "
-                   "resource tracker cannot unlink a SIGKILLed planner's /dev/shm blocks; nothing sweeps them")
 def test_a_killed_planners_shared_memory_blocks_are_released():
+    # Its resource tracker dies with it; the replacement engine sweeps blocks of dead owners.
     assert KILLED_PLANNER_BLOCKS, "the planner had no block mapped when it was killed"
     deadline = time.monotonic() + 30
     while any(os.path.exists(block) for block in KILLED_PLANNER_BLOCKS):
