@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                           concurrency=args.concurrency, pss=lambda: cluster_pss(os.getpid()))
         finally:
             serve_down()
+    from mammoth_common.cpu import report_fields
+
+    result.update(report_fields(measure=False))  # stages run the config's CPU defaults (float32)
     if not args.json:
         print(json.dumps(result, indent=2))
     print(json.dumps(result))
