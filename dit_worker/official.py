@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from mammoth_common.names import strict_prefix_mapping
+
 from .checkpoint import CheckpointError
 from .models.transformer_mammoth2 import OFFICIAL_PREFIX, Mammoth2DiTConfig, Mammoth2Transformer
 from .models.transformer_mammoth25 import Mammoth25DiTConfig, Mammoth25MoEConfig, Mammoth25Transformer
@@ -78,20 +80,4 @@ def map_names(config: Mammoth2DiTConfig | Mammoth25DiTConfig, official: dict[str
     for the official names that belong to the DiT (all of them for 2.5, ``gen_transformer.*``
     for 2). Shapes are checked too."""
     prefix = OFFICIAL_PREFIX if isinstance(config, Mammoth2DiTConfig) else ""
-    expected = expected_state(config)
-    mapping: dict[str, str] = {}
-    for name in sorted(official):
-        if not name.startswith(prefix):
-            continue
-        ours = name[len(prefix):]
-        if ours not in expected:
-            raise CheckpointError(f"official tensor '{name}' has no place in the DiT")
-        if tuple(official[name]) != expected[ours]:
-            raise CheckpointError(f"official tensor '{name}' has shape {tuple(official[name])}, "
-                                  f"the config expects {expected[ours]}")
-        mapping[ours] = name
-    missing = sorted(set(expected) - set(mapping))
-    if missing:
-        raise CheckpointError(f"the official checkpoint lacks DiT tensor '{prefix}{missing[0]}'"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return mapping
+    return strict_prefix_mapping(official, expected_state(config), prefix, what="the DiT", error=CheckpointError)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from mammoth_common.names import strict_prefix_mapping
+
 from .loading import VAELoadError
 from .presets import build_model
 
@@ -44,19 +46,4 @@ def map_names(family: str, config: dict[str, Any], official: dict[str, tuple[int
     prefix, _ = OFFICIAL_VAES[family]
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
-    mapping: dict[str, str] = {}
-    for name in sorted(official):
-        if not name.startswith(prefix):
-            continue
-        ours = name[len(prefix):]
-        if ours not in expected:
-            raise VAELoadError(f"official tensor '{name}' has no place in the {config['_class_name']}")
-        if tuple(official[name]) != expected[ours]:
-            raise VAELoadError(f"official tensor '{name}' has shape {tuple(official[name])}, "
-                               f"the config expects {expected[ours]}")
-        mapping[ours] = name
-    missing = sorted(set(expected) - set(mapping))
-    if missing:
-        raise VAELoadError(f"the official checkpoint lacks VAE tensor '{prefix}{missing[0]}'"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return mapping
+    return strict_prefix_mapping(official, expected, prefix, what=f"the {config['_class_name']}", error=VAELoadError)

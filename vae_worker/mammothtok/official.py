@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from mammoth_common.names import strict_prefix_mapping
+
 from .model import MammothTokConfig, MammothTokEncoder, MammothTokLoadError
 
 OFFICIAL_PREFIX = "gen_tokenizer.image_tokenizer."
@@ -43,20 +45,5 @@ def map_names(config: MammothTokConfig, official: dict[str, tuple[int, ...]]) ->
     the prefix that are neither the encoder's nor ignored."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in MammothTokEncoder(config).state_dict().items()}
-    mapping: dict[str, str] = {}
-    for name in sorted(official):
-        if not name.startswith(OFFICIAL_PREFIX):
-            continue
-        ours = name[len(OFFICIAL_PREFIX):]
-        if ours.startswith(tuple(IGNORED_PREFIXES)):
-            continue
-        if ours not in expected:
-            raise MammothTokLoadError(f"official tensor '{name}' has no place in MammothTok")
-        if tuple(official[name]) != expected[ours]:
-            raise MammothTokLoadError(f"official tensor '{name}' has shape {tuple(official[name])}, "
-                                      f"the config expects {expected[ours]}")
-        mapping[ours] = name
-    missing = sorted(set(expected) - set(mapping))
-    if missing:
-        raise MammothTokLoadError(f"the official checkpoint lacks MammothTok tensor '{OFFICIAL_PREFIX}{missing[0]}'")
-    return mapping
+    return strict_prefix_mapping(official, expected, OFFICIAL_PREFIX, what="MammothTok", error=MammothTokLoadError,
+                                 ignored=IGNORED_PREFIXES)
