@@ -81,11 +81,37 @@ class RankGroup:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._builder: threading.Thread | None = None
+        self._last_plan = time.monotonic()
+        self._closed = threading.Event()
+        self._keepalive: threading.Thread | None = None
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Build the group now (blocks until every rank has loaded its shard)."""
         self._build()
+        self._keepalive = threading.Thread(target=self._keep_alive, name="dit-group-keepalive", daemon=True)
+        self._keepalive.start()
+
+    @property
+    def keepalive_interval_s(self) -> float:
+        return self.settings.collective_timeout_s / 4
+
+    def _keep_alive(self) -> None:
+        """Followers wait for the next plan inside a collective bounded by the collective timeout;
+        an idle leader sends a no-op plan well within it, so idleness is never taken for a dead
+        rank (a real failure still surfaces here, and the group is rebuilt as after a step)."""
+        while not self._closed.wait(self.keepalive_interval_s / 2):
+            if time.monotonic() - self._last_plan < self.keepalive_interval_s or not self._ready.is_set():
+                continue
+            if not self._lock.acquire(blocking=False):  # a step is running: that is traffic enough
+                continue
+            try:
+                if self._ready.is_set() and self._error is None and self.actors:
+                    self._submit_locked(StepPlan("keepalive"))
+            except GroupUnavailable:
+                pass  # _fail logged it and started the rebuild
+            finally:
+                self._lock.release()
 
     def _actor_options(self, rank: int) -> dict[str, Any]:
         options: dict[str, Any] = {"num_cpus": self.settings.rank_num_cpus,
@@ -146,6 +172,7 @@ class RankGroup:
         return GroupUnavailable(f"DiT rank group failed ({reason}); it is being rebuilt, retry")
 
     def shutdown(self) -> None:
+        self._closed.set()
         with self._lock:
             if self.actors and self._ready.is_set():
                 try:
@@ -166,13 +193,18 @@ class RankGroup:
         with self._lock:
             if not self._ready.wait(self.settings.start_timeout_s) or self._error is not None:
                 raise GroupUnavailable(f"DiT rank group is not up ({self._error or 'still starting'})")
-            ref = self.actors[0].submit.remote(plan)
-            try:
-                return ray.get(ref, timeout=self.settings.collective_timeout_s + _CALL_MARGIN_S)
-            except GetTimeoutError:
-                raise self._fail("step timed out") from None
-            except RayError as exc:
-                raise self._fail(type(getattr(exc, "cause", None) or exc).__name__) from None
+            return self._submit_locked(plan)
+
+    def _submit_locked(self, plan: StepPlan) -> Any:
+        ref = self.actors[0].submit.remote(plan)
+        try:
+            return ray.get(ref, timeout=self.settings.collective_timeout_s + _CALL_MARGIN_S)
+        except GetTimeoutError:
+            raise self._fail("step timed out") from None
+        except RayError as exc:
+            raise self._fail(type(getattr(exc, "cause", None) or exc).__name__) from None
+        finally:
+            self._last_plan = time.monotonic()
 
     def check_health(self) -> None:
         """Raise if a rank is gone (and start the rebuild); fine while a rebuild runs."""

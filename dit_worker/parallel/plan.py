@@ -28,7 +28,9 @@ MODES = ("auto", "sp")
 
 @dataclass
 class StepPlan:
-    op: Literal["prepare", "forward", "stats", "stop"]
+    # "keepalive": the leader's heartbeat while idle, so a follower waiting in its broadcast never
+    # reaches the collective timeout just because no request came
+    op: Literal["prepare", "forward", "stats", "keepalive", "stop"]
     prepared_id: int = 0
     conditions: list[Any] = field(default_factory=list)  # op == "prepare"
     rows: list[int] = field(default_factory=list)  # rows of the prepared batch that run

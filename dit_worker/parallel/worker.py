@@ -84,7 +84,7 @@ class RankWorker:
             return prepared.batch_size
         if plan.op == "forward":
             return self._forward(plan)
-        if plan.op == "stop":
+        if plan.op in ("stop", "keepalive"):
             return None
         raise ValueError(f"op: unknown plan op {plan.op!r}")
 

@@ -66,6 +66,19 @@ def test_group_output_equals_single_process_and_health_passes(group_engine):
             ("ffn.experts.weight1", "ffn.experts.weight2")))
 
 
+def test_an_idle_group_outlives_the_collective_timeout(group_engine):
+    # Followers wait for the next plan inside a collective bounded by the timeout: the leader's
+    # keepalive must keep an idle group up (before it, every idle spell rebuilt the group).
+    ckpt, group, engine = group_engine
+    generation, pids = group.generation, list(group.pids)
+    time.sleep(TIMEOUT_S * 2.5)
+    group.check_health()
+    assert group.generation == generation and group.pids == pids
+    dim = engine.model.config.refiner.vlm_dim
+    assert engine.generate([_request("after-idle", dim)])[0].latents.shape == (16, 3, 8, 8)
+    assert group.generation == generation
+
+
 def test_killed_rank_fails_the_step_promptly_then_the_group_is_rebuilt(group_engine):
     ckpt, group, engine = group_engine
     dim = engine.model.config.refiner.vlm_dim
