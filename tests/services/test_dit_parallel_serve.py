@@ -75,7 +75,8 @@ def test_group_serves_video_then_survives_a_killed_rank(served, use_http):
     killed: dict = {}
 
     def kill_mid_request(phase: str, step: int, total: int) -> None:
-        if phase == "denoise" and step == 3 and not killed:
+        # gRPC reports each step, HTTP a polled percentage that may skip any given value
+        if phase == "denoise" and step >= 3 and not killed:
             os.kill(group["pids"][1], signal.SIGKILL)
             killed["at"] = time.monotonic()
 
