@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from mammoth_common.dataclass_config import DataclassConfig as _BaseConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -33,48 +33,14 @@ class CheckpointError(ValueError):
 
 
 @dataclasses.dataclass
-class DataclassConfig:
-    """Base for stage configs: a dataclass that round-trips through ``config.json``.
+class DataclassConfig(_BaseConfig):
+    """The DiT's configs: ``mammoth_common.dataclass_config.DataclassConfig`` whose unknown keys
+    are a ``CheckpointError`` like every other problem of a model directory."""
 
-    Keys starting with ``_`` (``_class_name``, ``_diffusers_version``...) are metadata and are
-    ignored on load; any other unknown key is an error, so a typo never goes unnoticed.
-    """
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"_class_name": type(self).__name__, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        unknown = sorted(k for k in data if not k.startswith("_") and k not in fields)
-        if unknown:
-            raise CheckpointError(f"{cls.__name__}: unknown config keys {unknown}")
-        kwargs = {}
-        for key, value in data.items():
-            if key.startswith("_"):
-                continue
-            kwargs[key] = _coerce(hints[key], value)
-        return cls(**kwargs)
-
-    def replace(self, **changes: Any) -> Self:
-        return dataclasses.replace(self, **changes)
+    error: ClassVar[type[Exception]] = CheckpointError
 
 
-C = TypeVar("C", bound=DataclassConfig)
-
-
-def _coerce(hint: Any, value: Any) -> Any:
-    """JSON gives lists where configs hold tuples, and dicts where they hold nested configs."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return value if value is None or len(args) != 1 else _coerce(args[0], value)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if isinstance(hint, type) and issubclass(hint, DataclassConfig) and isinstance(value, dict):
-        return hint.from_dict(value)
-    return value
+C = TypeVar("C", bound=_BaseConfig)
 
 
 def save_pretrained(model: nn.Module, config: DataclassConfig, directory: str | Path) -> Path:

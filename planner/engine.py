@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dit_worker.checkpoint import DataclassConfig
 from mammoth_common.cpu import engine_dtype
+from mammoth_common.dataclass_config import DataclassConfig
 
 from .presets import DEFAULT_CONDITION_LAYERS
 from .runtime import EXTRA_KEY, block_bytes, block_views

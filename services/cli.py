@@ -304,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_presets)
 
+    from .presets import PRESETS  # the tiny presets of every registered family
+
     p = sub.add_parser("init-tiny", help="write a random-weight tiny model directory")
     p.add_argument("directory")
-    p.add_argument("--preset", default="tiny-mammoth2", choices=["tiny-mammoth2", "tiny-mammoth25"])
+    p.add_argument("--preset", default="tiny-mammoth2", choices=[n for n, preset in PRESETS.items() if preset.tiny])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=_cmd_init_tiny)

@@ -48,6 +48,7 @@ DEFAULT_PRESET = "tiny-mammoth2"
 # The embedded default serves one model of each family so every task works out of the box.
 DEFAULT_MODELS = {"image": "tiny-mammoth2", "video": "tiny-mammoth25"}
 ModelName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
+Task = Literal["text_to_image", "image_edit", "text_to_video", "video_edit", "understand"]  # families.TASKS
 
 
 class ConfigError(ValueError):
@@ -263,6 +264,9 @@ class IngressSettings(DeploymentSettings):
     stage_retries: NonNegativeInt = 1  # a DiT/VAE (or not yet streaming planner) call whose replica died
     retry_wait_s: NonNegativeFloat = 30.0  # a retry waits this long for a live replica, else 503
     health_timeout_s: PositiveFloat = 5.0  # gRPC health / readiness: how long a stage may take to answer
+    # task (text_to_image, image_edit, text_to_video, video_edit, understand) -> served model name
+    # for requests without ``model``; unset tasks: the first model serving them (``models`` order)
+    default_models: dict[Task, ModelName] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _ingress(self) -> Self:
@@ -302,7 +306,7 @@ class ModelSettings(_Section):
         return Path(self.cache_dir).expanduser() / str(self.preset)
 
     def family(self) -> str:
-        """``mammoth2`` (image tasks) or ``mammoth25`` (video tasks); a path is asked its index."""
+        """The model's family (``services.families``): the preset's, or a path's index's."""
         from .presets import get_preset
 
         if self.preset is not None:
@@ -375,8 +379,9 @@ class ServeConfig(_Section):
 
     version: Literal[1] = 1
     device: Device = "cpu"
-    # Served models by name; each gets its own planner / DiT / VAE applications. At most one
-    # per family: the ingress routes image tasks to the mammoth2 model, video to mammoth25.
+    # Served models by name; each gets its own planner / DiT / VAE applications, several of one
+    # family included. A request's ``model`` picks one; without it a task goes to
+    # ingress.default_models[task], else to the first model here whose family serves the task.
     models: dict[ModelName, ModelSettings] = Field(default_factory=_default_models, min_length=1)
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
     dit: DiTSettings = Field(default_factory=DiTSettings)
@@ -393,14 +398,7 @@ class ServeConfig(_Section):
 
     @model_validator(mode="after")
     def _devices(self) -> Self:
-        seen: dict[str, str] = {}
-        for name, model in self.models.items():
-            family = model.family() if model.preset is not None else None
-            if family is not None and family in seen:
-                raise ValueError(f"models.{name}: a second {family} model (first: {seen[family]}); "
-                                 "the ingress routes each task family to one model")
-            if family is not None:
-                seen[family] = name
+        self._check_default_models()
         for stage in ("planner", "dit", "vae"):
             section: DeploymentSettings = getattr(self, stage)
             gpus = section.ray_actor_options.num_gpus
@@ -413,6 +411,19 @@ class ServeConfig(_Section):
         if self.resolved_device("planner") == "cpu" and self.planner.engine.kv_cache_gib is None:
             raise ValueError("planner.engine.kv_cache_gib: required on cpu (vLLM would take ~90% of RAM)")
         return self
+
+    def _check_default_models(self) -> None:
+        """``ingress.default_models`` names served models, each serving its task (checked for
+        preset models here; a path's family is read from its index when the ingress starts)."""
+        from .families import get_family
+
+        for task, name in self.ingress.default_models.items():
+            if name not in self.models:
+                raise ValueError(f"ingress.default_models.{task}: {name!r} is not a served model "
+                                 f"(models: {sorted(self.models)})")
+            model = self.models[name]
+            if model.preset is not None and not get_family(model.family()).serves(task):
+                raise ValueError(f"ingress.default_models.{task}: {name!r} ({model.preset}) does not serve {task}")
 
     # -- resolved engine placement
 

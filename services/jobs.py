@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import RequestLimits
+from .media_formats import DEFAULT_QUALITY, IMAGE_FORMATS, RESIZE_POLICIES, VIDEO_FORMATS
 
-IMAGE_FORMATS = {1: "png", 2: "jpeg", 3: "webp", 0: "png"}
-VIDEO_FORMATS = {1: "mp4", 2: "gif", 0: "mp4"}
-RESIZE_POLICIES = {0: "resize", 1: "resize", 2: "center_crop", 3: "pad"}
-MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4", "gif": "image/gif"}
 TEMPORAL_COMPRESSION = 4  # video VAE: frames = 4k + 1
 _ALLOWED_CONTROL = frozenset("\t\n\r")  # the only control characters a prompt may carry
 
@@ -46,7 +43,7 @@ class InvalidArgument(ValueError):
 @dataclass
 class OutputSpec:
     format: str
-    quality: int = 90
+    quality: int = DEFAULT_QUALITY
     fps: int = 0
 
 
@@ -224,7 +221,7 @@ def check_cfg_range(msg: Any, default: Any) -> tuple[float, float]:
 
 def _quality(msg: Any) -> int:
     quality = _opt(msg, "quality")
-    return 90 if quality is None else check_int("quality", quality, 1, 100)
+    return DEFAULT_QUALITY if quality is None else check_int("quality", quality, 1, 100)
 
 
 def _enum(name: str, value: int, table: dict[int, str]) -> str:

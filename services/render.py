@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, DeploymentSettings, IngressSettings, ServeConfig
+from .families import get_family
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ def stage_app_name(model: str, stage: str) -> str:
 
 
 def dit_placement(cfg: ServeConfig, model: str) -> dict[str, Any] | None:
-    """A parallel DiT replica's placement group (MoE models with ``dit.engine.parallel.size`` > 1):
+    """A parallel DiT replica's placement group (families whose DiT runs as a group, the MoE video
+    DiT, with ``dit.engine.parallel.size`` > 1):
     bundle 0 the replica (its CPUs and custom resources, no GPU: the ranks hold the model), then
     one bundle per rank (one GPU each on cuda). ``services.apps.dit.app`` builds the same options;
     the rendered config must carry them too, since its ``ray_actor_options`` override the builder's."""
@@ -126,10 +128,10 @@ def dit_placement(cfg: ServeConfig, model: str) -> dict[str, Any] | None:
     if parallel.size <= 1 or model not in cfg.models:
         return None
     try:
-        family = cfg.models[model].family()
-    except (OSError, ValueError) as exc:
+        family = get_family(cfg.models[model].family())
+    except (OSError, ValueError, LookupError) as exc:
         raise ConfigError(f"models.{model}: cannot tell whether dit.engine.parallel applies ({exc})") from None
-    if family != "mammoth25":
+    if not family.parallel_dit:
         return None
     actor = cfg.dit.ray_actor_options
     rank = {"CPU": parallel.rank_num_cpus, **({"GPU": 1.0} if cfg.resolved_device("dit") == "cuda" else {})}

@@ -13,16 +13,15 @@ from the model's defaults and checking it against the limits (stage side).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from protos import common_pb2, dit_pb2, generation_pb2, planner_pb2, vae_pb2
 
 from .config import RequestLimits
+from .families import get_family
 from .jobs import (
-    IMAGE_FORMATS,
-    RESIZE_POLICIES,
     TEMPORAL_COMPRESSION,
-    VIDEO_FORMATS,
     ImageJob,
     InvalidArgument,
     OutputSpec,
@@ -38,15 +37,24 @@ from .jobs import (
     image_job,
     new_request_id,
 )
+from .media_formats import (
+    DEFAULT_QUALITY,
+    IMAGE_FORMAT_IDS,
+    IMAGE_FORMATS,
+    RESIZE_POLICIES,
+    RESIZE_POLICY_IDS,
+    VIDEO_FORMAT_IDS,
+    VIDEO_FORMATS,
+)
+
+if TYPE_CHECKING:
+    from .families import ModelFamily
 
 MAX_REQUEST_ID_CHARS = 128
 # What the DiT engine itself accepts (dit_worker.sampling: 1..200 steps), for callers without a config
 _ENGINE_LIMITS = RequestLimits(max_steps=200, max_width=1 << 15, max_height=1 << 15, max_frames=1 << 12,
                                max_guidance=1e4)
 
-_IMAGE_FORMAT_IDS = {name: number for number, name in IMAGE_FORMATS.items() if number}
-_VIDEO_FORMAT_IDS = {name: number for number, name in VIDEO_FORMATS.items() if number}
-_RESIZE_POLICY_IDS = {name: number for number, name in RESIZE_POLICIES.items() if number}
 # PlanImageRequest field -> the public image request field it sets
 _PLAN_FIELDS = {"ar_height": "ar_height", "ar_width": "ar_width", "temperature": "ar_temperature",
                 "top_k": "ar_top_k", "top_p": "ar_top_p", "negative_prompt": "negative_prompt",
@@ -110,7 +118,7 @@ def reference_encode_request(job: ImageJob, index: int, *, sized: bool) -> vae_p
     """Reference ``index`` of an edit; ``sized=False`` lets the image pick the output size."""
     request = vae_pb2.EncodeRequest(request_id=job.request_id, kind=vae_pb2.MEDIA_KIND_IMAGE,
                                     media=common_pb2.Media(data=job.reference_images[index]),
-                                    resize_policy=_RESIZE_POLICY_IDS[job.resize_policy])
+                                    resize_policy=RESIZE_POLICY_IDS[job.resize_policy])
     if sized:
         request.width, request.height = job.width, job.height
     return request
@@ -119,7 +127,7 @@ def reference_encode_request(job: ImageJob, index: int, *, sized: bool) -> vae_p
 def source_encode_request(job: VideoJob) -> vae_pb2.EncodeRequest:
     request = vae_pb2.EncodeRequest(request_id=job.request_id, kind=vae_pb2.MEDIA_KIND_VIDEO,
                                     media=common_pb2.Media(data=job.source_video or b""),
-                                    resize_policy=_RESIZE_POLICY_IDS[job.resize_policy],
+                                    resize_policy=RESIZE_POLICY_IDS[job.resize_policy],
                                     frames=0 if job.frames_from_source else job.frames,
                                     max_frames=job.frames)
     if not job.size_from_source:
@@ -168,16 +176,16 @@ def decode_request(job: ImageJob | VideoJob) -> vae_pb2.DecodeRequest:
     """Latents are not in it: they come from the DiT by reference."""
     request = vae_pb2.DecodeRequest(request_id=job.request_id, quality=job.output.quality)
     if isinstance(job, VideoJob):
-        request.video_format, request.fps = _VIDEO_FORMAT_IDS[job.output.format], job.fps
+        request.video_format, request.fps = VIDEO_FORMAT_IDS[job.output.format], job.fps
     else:
-        request.image_format = _IMAGE_FORMAT_IDS[job.output.format]
+        request.image_format = IMAGE_FORMAT_IDS[job.output.format]
     return request
 
 
 def output_spec(request: vae_pb2.DecodeRequest, *, video: bool, limits: RequestLimits | None = None) -> OutputSpec:
     limits = limits or RequestLimits()
     check_request_id(request.request_id)
-    quality = check_int("quality", request.quality, 1, 100) if request.HasField("quality") else 90
+    quality = check_int("quality", request.quality, 1, 100) if request.HasField("quality") else DEFAULT_QUALITY
     if video:
         fps = check_int("fps", request.fps, 0, limits.max_fps)
         return OutputSpec(_known("video_format", request.video_format, VIDEO_FORMATS), fps=fps or 16)
@@ -215,15 +223,32 @@ def denoise_request(job: ImageJob | VideoJob) -> dit_pb2.DenoiseRequest:
     return request
 
 
-def denoise_job(request: dit_pb2.DenoiseRequest, family: str, defaults: dict[str, Any],
+def denoise_job(request: dit_pb2.DenoiseRequest, family: str | ModelFamily, defaults: dict[str, Any],
                 limits: RequestLimits | None = None, *, max_latent_tokens: int | None = None) -> ImageJob | VideoJob:
     """The DiT works in latent units: the job's pixel sizes are latent sizes times 8, and its
     ``spatial`` is 8, so ``job.latent_*`` give back the request's sizes whatever the VAE.
 
     Checked against ``limits`` (the served config's) like a public request: latent sizes within
     the pixel limits, steps, guidance, frames. Without ``limits`` (in-process callers) only the
-    engine's own bounds apply (``_ENGINE_LIMITS``)."""
-    limits = limits or _ENGINE_LIMITS
+    engine's own bounds apply (``_ENGINE_LIMITS``). The family (a name or its record) builds
+    the job: ``image_denoise_job`` or ``video_denoise_job`` for the built-in ones."""
+    record = get_family(family) if isinstance(family, str) else family
+    return record.denoise_job(request, defaults, limits or _ENGINE_LIMITS, max_latent_tokens=max_latent_tokens)
+
+
+@dataclass(frozen=True)
+class _DenoiseFields:
+    request_id: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+    cfg_range: tuple[float, float]
+
+
+def _checked_denoise(request: dit_pb2.DenoiseRequest, defaults: dict[str, Any], limits: RequestLimits,
+                     max_latent_frames: int, max_latent_tokens: int | None) -> _DenoiseFields:
+    """The checks every family's DiT applies; ``max_latent_frames`` is the family's latent rule."""
     request_id = check_request_id(request.request_id) or new_request_id("dit")
     spatial, _ = geometry(defaults)
     patch = int(defaults.get("patch_size", 2))
@@ -232,8 +257,7 @@ def denoise_job(request: dit_pb2.DenoiseRequest, family: str, defaults: dict[str
         check_int(name, value, patch, max(limit // spatial, patch))
         if value % patch:
             raise InvalidArgument(name, f"must be a multiple of the patch size {patch}, got {value}")
-    max_latent_frames = (limits.max_frames - 1) // TEMPORAL_COMPRESSION + 1
-    check_int("latent_frames", request.latent_frames, 0, 1 if family == "mammoth2" else max_latent_frames)
+    check_int("latent_frames", request.latent_frames, 0, max_latent_frames)
     positions = request.latent_height * request.latent_width * max(request.latent_frames, 1)  # as the engine counts
     if max_latent_tokens is not None and positions > max_latent_tokens:
         raise InvalidArgument("latent_height", f"{positions} latent positions exceed the limit {max_latent_tokens}")
@@ -245,26 +269,33 @@ def denoise_job(request: dit_pb2.DenoiseRequest, family: str, defaults: dict[str
     for name in ("text_guidance", "image_guidance", "guidance", "context_guidance"):
         if request.HasField(name):
             check_float(name, getattr(request, name), 0.0, limits.max_guidance)
-    seed = check_seed(request.seed)
-    cfg_range = check_cfg_range(request, (0.0, 1.0))
-    width, height = request.latent_width * 8, request.latent_height * 8
-    job: ImageJob | VideoJob
-    if family == "mammoth2":
-        job = ImageJob(
-            request_id=request_id, prompt="", negative_prompt=None, width=width, height=height, steps=steps,
-            seed=seed, text_guidance=_or(request, "text_guidance", defaults.get("text_guidance", 5.0)),
-            image_guidance=_or(request, "image_guidance", defaults.get("image_guidance", 2.0)),
-            cfg_range=cfg_range, ar_height=0, ar_width=0, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0,
-            ar_top_p=1.0, output=OutputSpec("png"), preview=request.preview)
-    else:
-        job = VideoJob(
-            request_id=request_id, prompt="", negative_prompt="", width=width, height=height,
-            frames=(max(request.latent_frames, 1) - 1) * TEMPORAL_COMPRESSION + 1, fps=16, steps=steps, seed=seed,
-            guidance=_or(request, "guidance", defaults.get("guidance", 5.0)),
-            context_guidance=_or(request, "context_guidance", defaults.get("context_guidance", 1.0)),
-            cfg_range=cfg_range, output=OutputSpec("mp4"), preview=request.preview)
-    job.sigmas = list(request.sigmas) or None
-    return job
+    return _DenoiseFields(request_id, request.latent_width * 8, request.latent_height * 8, steps,
+                          check_seed(request.seed), check_cfg_range(request, (0.0, 1.0)))
+
+
+def image_denoise_job(request: dit_pb2.DenoiseRequest, defaults: dict[str, Any], limits: RequestLimits, *,
+                      max_latent_tokens: int | None = None) -> ImageJob:
+    """An image DiT's job: one latent frame at most."""
+    f = _checked_denoise(request, defaults, limits, 1, max_latent_tokens)
+    return ImageJob(
+        request_id=f.request_id, prompt="", negative_prompt=None, width=f.width, height=f.height, steps=f.steps,
+        seed=f.seed, text_guidance=_or(request, "text_guidance", defaults.get("text_guidance", 5.0)),
+        image_guidance=_or(request, "image_guidance", defaults.get("image_guidance", 2.0)),
+        cfg_range=f.cfg_range, ar_height=0, ar_width=0, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0,
+        ar_top_p=1.0, output=OutputSpec("png"), preview=request.preview, sigmas=list(request.sigmas) or None)
+
+
+def video_denoise_job(request: dit_pb2.DenoiseRequest, defaults: dict[str, Any], limits: RequestLimits, *,
+                      max_latent_tokens: int | None = None) -> VideoJob:
+    """A video DiT's job: latent frames up to what ``limits.max_frames`` compresses to."""
+    max_latent_frames = (limits.max_frames - 1) // TEMPORAL_COMPRESSION + 1
+    f = _checked_denoise(request, defaults, limits, max_latent_frames, max_latent_tokens)
+    return VideoJob(
+        request_id=f.request_id, prompt="", negative_prompt="", width=f.width, height=f.height,
+        frames=(max(request.latent_frames, 1) - 1) * TEMPORAL_COMPRESSION + 1, fps=16, steps=f.steps, seed=f.seed,
+        guidance=_or(request, "guidance", defaults.get("guidance", 5.0)),
+        context_guidance=_or(request, "context_guidance", defaults.get("context_guidance", 1.0)),
+        cfg_range=f.cfg_range, output=OutputSpec("mp4"), preview=request.preview, sigmas=list(request.sigmas) or None)
 
 
 def _or(request: Any, name: str, default: float) -> float:

@@ -20,13 +20,14 @@ from ray import serve
 from dit_worker.parallel.placement import imbalance
 from dit_worker.parallel.proxy import parallel_engine
 from protos import dit_pb2
-from protos.tensors import ndarray_from_proto, tensor_field, tensor_to_proto
+from protos.tensors import tensor_to_proto
 
 from ..config import ServeConfig
 from ..dit_group import RankGroup
+from ..families import ModelFamily, get_family
 from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditions, PromptConditions
-from ..local import dit_engine_config
 from ..stage_messages import denoise_job
+from ..stage_setup import dit_engine_config
 from ..stages.dit import DiTStage
 from .common import (
     ApiKeys,
@@ -70,7 +71,7 @@ class DiTDeployment:
     def __init__(self, args: dict[str, Any]):
         self.cfg = config_from_args(args)
         self.model, index = model_from_args(self.cfg, args)
-        self.family = index.family
+        self.family = get_family(index.family)
         self.defaults = index.defaults
         apply_threads(self.cfg.dit.engine.cpu_threads)
         self.auth = ApiKeys.from_settings(self.cfg.ingress)  # its gRPC service, with expose_stages
@@ -79,7 +80,7 @@ class DiTDeployment:
         if self.group is None:
             self.stage = DiTStage.from_model_dir(index.root, dit_engine_config(self.cfg),
                                                  batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s,
-                                                 publish=publish)
+                                                 publish=publish, engine_cls=self.family.engine_class("dit"))
         else:  # the engine runs here on CPU tensors; the ranks hold the model
             engine_cfg = dataclasses.replace(dit_engine_config(self.cfg), device="cpu")
             parallel = self.cfg.dit.engine.parallel
@@ -193,30 +194,16 @@ class DiTDeployment:
             stage_grpc_abort(grpc_context, exc, request.request_id)
 
     def _tensors(self, request: dit_pb2.DenoiseRequest) -> tuple[Any, list[EncodedMedia]]:
-        negative = _numpy(tensor_field(request, "negative_condition"))
-        if self.family == "mammoth2":
-            text = tensor_field(request, "text_condition", required=True)
-            conditions = ImageConditions(text.numpy(), _numpy(tensor_field(request, "image_condition")), negative, 0)
-            refs = [ndarray_from_proto(t, name=f"ref_latents[{i}]") for i, t in enumerate(request.ref_latents)]
-            media = [EncodedMedia(refs, [], 0, 0)] if refs else []
-        else:
-            prompt = tensor_field(request, "prompt_condition", required=True)
-            conditions = PromptConditions(prompt.numpy(), negative)
-            source = _numpy(tensor_field(request, "source_latents"))
-            media = [EncodedMedia([source], [], 0, 0)] if source is not None else []
-        return conditions, media
+        return self.family.dit_inputs(request)
 
 
-def _numpy(tensor: Any) -> np.ndarray | None:
-    return tensor.numpy() if tensor is not None else None
+def _parallel_size(cfg: ServeConfig, family: ModelFamily) -> int:
+    """Ranks per replica: ``dit.engine.parallel.size`` for families whose DiT runs as a group
+    (the MoE video DiT), else 1."""
+    return cfg.dit.engine.parallel.size if family.parallel_dit else 1
 
 
-def _parallel_size(cfg: ServeConfig, family: str) -> int:
-    """Ranks per replica: ``dit.engine.parallel.size`` for MoE (video) models, else 1."""
-    return cfg.dit.engine.parallel.size if family == "mammoth25" else 1
-
-
-def _rank_group(cfg: ServeConfig, root: Any, family: str) -> RankGroup | None:
+def _rank_group(cfg: ServeConfig, root: Any, family: ModelFamily) -> RankGroup | None:
     if _parallel_size(cfg, family) == 1:
         return None
     group = RankGroup(root / "dit", cfg.dit.engine.parallel, device=cfg.resolved_device("dit"),
@@ -229,7 +216,7 @@ def app(args: dict[str, Any]) -> serve.Application:
     cfg = config_from_args(args)
     options = deployment_options(cfg, "dit")
     name = args.get("model") or next(iter(cfg.models))
-    size = _parallel_size(cfg, cfg.models[name].family()) if name in cfg.models else 1
+    size = _parallel_size(cfg, get_family(cfg.models[name].family())) if name in cfg.models else 1
     if size > 1:  # bundle 0: the replica; bundle r + 1: rank r (one GPU each on cuda)
         actor = cfg.dit.ray_actor_options
         parallel = cfg.dit.engine.parallel

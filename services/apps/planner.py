@@ -15,10 +15,11 @@ from ray import serve
 from protos import generation_pb2, planner_pb2
 from protos.tensors import tensor_to_proto
 
+from ..families import get_family
 from ..handoff import EncodedMedia, ImageConditions, PromptConditions
 from ..jobs import check_text, new_request_id, understand_job
-from ..local import media_limits
 from ..stage_messages import plan_image_job
+from ..stage_setup import media_limits
 from ..stages.planner import PlannerStage
 from .common import (
     ApiKeys,
@@ -41,7 +42,8 @@ class PlannerDeployment:
         self.defaults = index.defaults
         self.stage = await PlannerStage.start(
             index.root, self.cfg.planner.engine, device=self.cfg.resolved_device("planner"),
-            dtype=self.cfg.resolved_dtype("planner"), media_limits=media_limits(self.cfg))
+            dtype=self.cfg.resolved_dtype("planner"), media_limits=media_limits(self.cfg),
+            engine_cls=get_family(index.family).engine_class("planner"))
         self.metrics = StageMetrics("planner", self.model)
         self.tokens = serve.metrics.Counter("mammoth_planned_tokens_total", description="visual tokens planned",
                                             tag_keys=("model",))

@@ -13,10 +13,12 @@ from ray import serve
 from protos import common_pb2, vae_pb2
 from protos.tensors import ndarray_from_proto, tensor_to_proto
 
+from ..families import get_family
 from ..handoff import EncodedMedia, MediaGeometry, MediaOutput
-from ..jobs import IMAGE_FORMATS, MIME, InvalidArgument, check_int
-from ..local import media_limits
+from ..jobs import InvalidArgument, check_int
+from ..media_formats import DEFAULT_QUALITY, IMAGE_FORMATS, MIME
 from ..stage_messages import encode_job, output_spec
+from ..stage_setup import media_limits
 from ..stages.vae import VAEStage
 from .common import (
     ApiKeys,
@@ -44,8 +46,8 @@ class VAEDeployment:
         self.defaults = index.defaults
         engine = self.cfg.vae.engine
         apply_threads(engine.cpu_threads)
-        self.stage = VAEStage.from_model_dir(index.root, index.family, device=self.cfg.resolved_device("vae"),
-                                             dtype=self.cfg.resolved_dtype("vae"),
+        self.stage = VAEStage.from_model_dir(index.root, get_family(index.family).engine_class("vae"),
+                                             device=self.cfg.resolved_device("vae"), dtype=self.cfg.resolved_dtype("vae"),
                                              memory_budget_mb=engine.memory_budget_mb,
                                              media_limits=media_limits(self.cfg), resolve=resolve,
                                              max_batch_decodes=engine.max_batch_decodes,
@@ -80,7 +82,7 @@ class VAEDeployment:
     async def preview(self, request: vae_pb2.PreviewRequest, latents: np.ndarray) -> common_pb2.Media:
         with self.metrics.call("preview"):
             fmt = IMAGE_FORMATS.get(request.format, "png")
-            quality = check_int("quality", request.quality, 1, 100) if request.HasField("quality") else 90
+            quality = check_int("quality", request.quality, 1, 100) if request.HasField("quality") else DEFAULT_QUALITY
             max_side = check_int("max_side", request.max_side, 0, max(self.cfg.ingress.limits.max_width,
                                                                        self.cfg.ingress.limits.max_height))
             data = await self.stage.preview(latents, fmt, quality, max_side)

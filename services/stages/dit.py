@@ -69,8 +69,9 @@ class DiTStage:
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, config: DiTEngineConfig, *, batch_wait_timeout_s: float = 0.01,
-                       publish: Publish = _identity) -> DiTStage:
-        engine = DiTEngine.from_pretrained(model_dir / "dit", config)
+                       publish: Publish = _identity, engine_cls: type[DiTEngine] = DiTEngine) -> DiTStage:
+        """``engine_cls``: the model family's DiT engine (``ModelFamily.engine_class("dit")``)."""
+        engine = engine_cls.from_pretrained(model_dir / "dit", config)
         return cls(engine, max_batch_requests=max(1, config.max_batch_rows // 2),
                    batch_wait_timeout_s=batch_wait_timeout_s, publish=publish)
 

@@ -52,8 +52,10 @@ class PlannerStage:
 
     @classmethod
     async def start(cls, model_dir: Path, settings: PlannerEngineSettings, *, device: str = "cpu",
-                    dtype: str = "float32", media_limits: MediaLimits | None = None) -> PlannerStage:
-        engine = PlannerEngine(planner_config(model_dir, settings, device, dtype))
+                    dtype: str = "float32", media_limits: MediaLimits | None = None,
+                    engine_cls: type[PlannerEngine] = PlannerEngine) -> PlannerStage:
+        """``engine_cls``: the model family's planner engine (``ModelFamily.engine_class("planner")``)."""
+        engine = engine_cls(planner_config(model_dir, settings, device, dtype))
         await engine.start()
         return cls(engine, media_limits)
 
@@ -64,7 +66,7 @@ class PlannerStage:
         """Raises unless the vLLM engine is alive and answering."""
         await self.engine.check_health()
 
-    # -- image family -------------------------------------------------------------------------
+    # -- image tasks --------------------------------------------------------------------------
     async def plan_image(self, job: ImageJob, references: EncodedMedia | None = None) -> ImageConditions:
         images = [Image.fromarray(p) for p in references.pixels] if references is not None else []
         start = time.perf_counter()
@@ -95,7 +97,7 @@ class PlannerStage:
             pixels.append(np.asarray(fit_to_grid(image, job.width, job.height, job.resize_policy, job.multiple)))
         return EncodedMedia([], pixels, job.width, job.height)
 
-    # -- video family -------------------------------------------------------------------------
+    # -- video tasks --------------------------------------------------------------------------
     async def encode_prompts(self, prompt: str, negative_prompt: str | None) -> PromptConditions:
         """The prompt's and (``None``: no) negative prompt's last hidden states."""
         start = time.perf_counter()

@@ -26,7 +26,8 @@ from vae_worker.media import (
 )
 
 from ..handoff import EncodedMedia, MediaOutput
-from ..jobs import MIME, ImageJob, InvalidArgument, OutputSpec, VideoJob
+from ..jobs import ImageJob, InvalidArgument, OutputSpec, VideoJob
+from ..media_formats import MIME
 
 Resolve = Callable[[Any], Any]
 
@@ -82,7 +83,7 @@ class DecodeBatcher:
 
 
 class VAEStage:
-    """One model's VAE (image or video family) plus the media codecs around it."""
+    """One model's VAE (an image or a video engine) plus the media codecs around it."""
 
     def __init__(self, vae: ImageVAE | VideoVAE, media_limits: MediaLimits | None = None,
                  resolve: Callable[[Any], Any] = _resolve_local, *, max_batch_decodes: int = 4,
@@ -94,11 +95,11 @@ class VAEStage:
         self.decoder = DecodeBatcher(vae, max_batch_decodes, batch_wait_timeout_s)
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, family: str, *, device: str = "cpu", dtype: str = "float32",
-                       memory_budget_mb: float = 2048, media_limits: MediaLimits | None = None,
+    def from_model_dir(cls, model_dir: Path, engine_cls: type[ImageVAE | VideoVAE], *, device: str = "cpu",
+                       dtype: str = "float32", memory_budget_mb: float = 2048, media_limits: MediaLimits | None = None,
                        resolve: Callable[[Any], Any] = _resolve_local, max_batch_decodes: int = 4,
                        batch_wait_timeout_s: float = 0.0) -> VAEStage:
-        engine_cls = VideoVAE if family == "mammoth25" else ImageVAE
+        """``engine_cls``: the model family's VAE engine (``ModelFamily.engine_class("vae")``)."""
         vae = engine_cls.from_pretrained(model_dir / "vae", device=device, dtype=getattr(torch, dtype),
                                          memory_budget_mb=memory_budget_mb)
         return cls(vae, media_limits, resolve, max_batch_decodes=max_batch_decodes,

@@ -76,6 +76,19 @@ def test_defaults_are_a_working_cpu_config():
         assert section.ray_actor_options.num_gpus == 0
         assert cfg.resolved_device(stage) == "cpu" and cfg.resolved_dtype(stage) == "float32"
     assert cfg.planner.engine.kv_cache_gib is not None
+    assert cfg.ingress.default_models == {}  # each task: the first model serving it
+
+
+def test_two_models_of_one_family_side_by_side():
+    """Several image models are served at once (each its own apps); a default per task may be set."""
+    cfg = ServeConfig.loads("models:\n  image: {preset: tiny-mammoth2}\n  image-b: {preset: tiny-mammoth2}\n"
+                            "  video: {preset: tiny-mammoth25}\n"
+                            "ingress: {default_models: {text_to_image: image-b, understand: video}}")
+    assert [m.family() for m in cfg.models.values()] == ["mammoth2", "mammoth2", "mammoth25"]
+    assert cfg.ingress.default_models == {"text_to_image": "image-b", "understand": "video"}
+    names = [app["name"] for app in render_serve_config(cfg, validate=False)["applications"]]
+    assert len(names) == len(set(names)) == 3 * 3 + 1
+    assert {"image-dit", "image-b-dit", "video-dit"} <= set(names)
 
 
 def test_default_cpu_and_gpu_constructors(tmp_path):
@@ -143,7 +156,11 @@ def test_custom_values_are_read():
         ("planner: {engine: {kv_cache_gib: null}}", "planner.engine.kv_cache_gib", "required on cpu"),
         ("models: {a: {path: /m, preset: tiny-mammoth2}}", "models.a.path", "exactly one"),
         ("models: {a: {preset: huge-9000}}", "models.a.preset", "unknown 'huge-9000'"),
-        ("models: {a: {preset: tiny-mammoth2}, b: {preset: mammoth2-dev}}", "models.b", "second mammoth2"),
+        ("models: {a: {preset: tiny-mammoth2}}\ningress: {default_models: {text_to_video: a}}",
+         "ingress.default_models.text_to_video", "does not serve text_to_video"),
+        ("models: {a: {preset: tiny-mammoth2}}\ningress: {default_models: {text_to_image: b}}",
+         "ingress.default_models.text_to_image", "'b' is not a served model"),
+        ("ingress: {default_models: {t2i: image}}", "ingress.default_models.t2i.[key]", "text_to_image"),
         ("models: {Bad_Name: {preset: tiny-mammoth2}}", "models.Bad_Name.[key]", "should match pattern"),
         ("models: {}", "models", "at least 1"),
         ("version: 2", "version", "1"),
