@@ -1,24 +1,14 @@
-"""HF config classes for the planner LLMs: one per backbone, one architecture each.
+"""HF config classes for the planner LLM (model_type ``mammothmoda2_qwen3_vl``).
 
-* ``mammothmoda2_qwen3_vl`` (MammothModa2-Dev, 2.5's prompt encoder): transformers' Qwen3-VL
-  configs plus the generation-expert keys of the official ``Mammothmoda2Qwen3VLConfig``.
-* ``mammothmoda2_qwen2_5_vl`` (MammothModa2-Preview): transformers' Qwen2.5-VL configs plus the
-  same keys, as the official ``Mammothmoda2Qwen2_5_VLConfig`` (``qwen25vl`` branch) has them.
-
-The generation keys are ``extra_gen_vocab``, ``gen_vocab_size``, ``gen_vocab_start_index`` and
-``moe_type``. Subclassing the stock configs keeps vLLM's multimodal processing (which checks
-``isinstance(..., Qwen3VLConfig / Qwen2_5_VLConfig)``) working, and the official code reads
-the same config.json.
+They extend transformers' Qwen3-VL configs with the generation-expert keys of the official
+``Mammothmoda2Qwen3VLConfig`` (``extra_gen_vocab``, ``gen_vocab_size``, ``gen_vocab_start_index``,
+``moe_type``), so vLLM's Qwen3-VL multimodal processing (which checks ``isinstance(...,
+Qwen3VLConfig)``) accepts them and the official code reads the same config.json.
 """
 
 from __future__ import annotations
 
 from transformers import AutoConfig
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLTextConfig,
-    Qwen2_5_VLVisionConfig,
-)
 from transformers.models.qwen3_vl.configuration_qwen3_vl import (
     Qwen3VLConfig,
     Qwen3VLTextConfig,
@@ -27,13 +17,6 @@ from transformers.models.qwen3_vl.configuration_qwen3_vl import (
 
 MODEL_TYPE = "mammothmoda2_qwen3_vl"
 ARCHITECTURE = "Mammothmoda2Qwen3VLForConditionalGeneration"
-QWEN25_MODEL_TYPE = "mammothmoda2_qwen2_5_vl"
-QWEN25_ARCHITECTURE = "Mammothmoda2Qwen2_5_VLForConditionalGeneration"
-# Architecture -> the vLLM model class implementing it (``module:Class``), for the plugin.
-ARCHITECTURES = {
-    ARCHITECTURE: "planner.model:Mammothmoda2Qwen3VLForConditionalGeneration",
-    QWEN25_ARCHITECTURE: "planner.model_qwen25:Mammothmoda2Qwen2_5_VLForConditionalGeneration",
-}
 GEN_KEYS = ("extra_gen_vocab", "gen_vocab_size", "gen_vocab_start_index", "moe_type")
 GEN_DEFAULTS = {"extra_gen_vocab": True, "gen_vocab_size": 32800, "gen_vocab_start_index": 152064, "moe_type": "ffn"}
 
@@ -74,44 +57,9 @@ class Mammothmoda2Qwen3VLConfig(Qwen3VLConfig):
             setattr(self, k, v)
 
 
-class Mammothmoda2Qwen2_5_VLVisionConfig(Qwen2_5_VLVisionConfig):
-    model_type = QWEN25_MODEL_TYPE
-    base_config_key = "vision_config"
-
-
-class Mammothmoda2Qwen2_5_VLTextConfig(Qwen2_5_VLTextConfig):
-    model_type = "mammothmoda2_qwen2_5_vl_text"
-    base_config_key = "text_config"
-
-    def __init__(self, **kwargs):
-        gen = {k: kwargs.pop(k, v) for k, v in GEN_DEFAULTS.items()}
-        super().__init__(**kwargs)
-        for k, v in gen.items():
-            setattr(self, k, v)
-
-
-class Mammothmoda2Qwen2_5_VLConfig(Qwen2_5_VLConfig):
-    """The nested form (``text_config``); ``planner_config_from_official`` nests a flat one."""
-
-    model_type = QWEN25_MODEL_TYPE
-    sub_configs = {"vision_config": Mammothmoda2Qwen2_5_VLVisionConfig,
-                   "text_config": Mammothmoda2Qwen2_5_VLTextConfig}
-
-    def __init__(self, **kwargs):
-        gen = {k: kwargs.pop(k, v) for k, v in GEN_DEFAULTS.items()}
-        text = kwargs.get("text_config")
-        if isinstance(text, dict):
-            for k, v in gen.items():
-                text.setdefault(k, v)
-        super().__init__(**kwargs)
-        for k, v in gen.items():
-            setattr(self, k, v)
-
-
 def register_config() -> None:
-    """Make AutoConfig (used by vLLM's config loader) know the model types; idempotent."""
-    for cls in (Mammothmoda2Qwen3VLConfig, Mammothmoda2Qwen3VLTextConfig,
-                Mammothmoda2Qwen2_5_VLConfig, Mammothmoda2Qwen2_5_VLTextConfig):
+    """Make AutoConfig (used by vLLM's config loader) know the model type; idempotent."""
+    for cls in (Mammothmoda2Qwen3VLConfig, Mammothmoda2Qwen3VLTextConfig):
         try:
             AutoConfig.register(cls.model_type, cls)
         except ValueError:

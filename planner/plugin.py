@@ -1,8 +1,8 @@
-"""vLLM general plugin (entry point ``vllm.general_plugins: mammoth``): configs + architectures."""
+"""vLLM general plugin (entry point ``vllm.general_plugins: mammoth``): config + architecture."""
 
 from __future__ import annotations
 
-from .configuration import ARCHITECTURES, register_config
+from .configuration import ARCHITECTURE, register_config
 
 
 def register() -> None:
@@ -10,7 +10,5 @@ def register() -> None:
     register_config()
     from vllm import ModelRegistry
 
-    supported = ModelRegistry.get_supported_archs()
-    for architecture, target in ARCHITECTURES.items():
-        if architecture not in supported:
-            ModelRegistry.register_model(architecture, target)
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "planner.model:Mammothmoda2Qwen3VLForConditionalGeneration")
