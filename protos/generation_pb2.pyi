@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateImageRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "seed", "text_guidance", "cfg_range", "ar_cfg_scale", "ar_height", "ar_width", "ar_temperature", "ar_top_k", "ar_top_p", "format", "quality", "preview")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "seed", "text_guidance", "cfg_range", "ar_cfg_scale", "ar_height", "ar_width", "ar_temperature", "ar_top_k", "ar_top_p", "format", "quality", "preview", "model", "num_images", "step_cache_threshold", "step_cache_warmup", "step_cache_max_cached_steps")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,11 @@ class GenerateImageRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_MAX_CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -43,10 +48,15 @@ class GenerateImageRequest(_message.Message):
     format: _common_pb2.ImageFormat
     quality: int
     preview: bool
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., text_guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., ar_cfg_scale: _Optional[float] = ..., ar_height: _Optional[int] = ..., ar_width: _Optional[int] = ..., ar_temperature: _Optional[float] = ..., ar_top_k: _Optional[int] = ..., ar_top_p: _Optional[float] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ...) -> None: ...
+    model: str
+    num_images: int
+    step_cache_threshold: float
+    step_cache_warmup: float
+    step_cache_max_cached_steps: int
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., text_guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., ar_cfg_scale: _Optional[float] = ..., ar_height: _Optional[int] = ..., ar_width: _Optional[int] = ..., ar_temperature: _Optional[float] = ..., ar_top_k: _Optional[int] = ..., ar_top_p: _Optional[float] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., model: _Optional[str] = ..., num_images: _Optional[int] = ..., step_cache_threshold: _Optional[float] = ..., step_cache_warmup: _Optional[float] = ..., step_cache_max_cached_steps: _Optional[int] = ...) -> None: ...
 
 class EditImageRequest(_message.Message):
-    __slots__ = ("instruction", "reference_images", "negative_prompt", "width", "height", "steps", "seed", "text_guidance", "image_guidance", "cfg_range", "ar_cfg_scale", "ar_height", "ar_width", "ar_temperature", "ar_top_k", "ar_top_p", "resize_policy", "format", "quality", "preview")
+    __slots__ = ("instruction", "reference_images", "negative_prompt", "width", "height", "steps", "seed", "text_guidance", "image_guidance", "cfg_range", "ar_cfg_scale", "ar_height", "ar_width", "ar_temperature", "ar_top_k", "ar_top_p", "resize_policy", "format", "quality", "preview", "model", "num_images", "step_cache_threshold", "step_cache_warmup", "step_cache_max_cached_steps")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +77,11 @@ class EditImageRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_MAX_CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     instruction: str
     reference_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Media]
     negative_prompt: str
@@ -87,10 +102,15 @@ class EditImageRequest(_message.Message):
     format: _common_pb2.ImageFormat
     quality: int
     preview: bool
-    def __init__(self, instruction: _Optional[str] = ..., reference_images: _Optional[_Iterable[_Union[_common_pb2.Media, _Mapping]]] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., text_guidance: _Optional[float] = ..., image_guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., ar_cfg_scale: _Optional[float] = ..., ar_height: _Optional[int] = ..., ar_width: _Optional[int] = ..., ar_temperature: _Optional[float] = ..., ar_top_k: _Optional[int] = ..., ar_top_p: _Optional[float] = ..., resize_policy: _Optional[_Union[_common_pb2.ResizePolicy, str]] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ...) -> None: ...
+    model: str
+    num_images: int
+    step_cache_threshold: float
+    step_cache_warmup: float
+    step_cache_max_cached_steps: int
+    def __init__(self, instruction: _Optional[str] = ..., reference_images: _Optional[_Iterable[_Union[_common_pb2.Media, _Mapping]]] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., text_guidance: _Optional[float] = ..., image_guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., ar_cfg_scale: _Optional[float] = ..., ar_height: _Optional[int] = ..., ar_width: _Optional[int] = ..., ar_temperature: _Optional[float] = ..., ar_top_k: _Optional[int] = ..., ar_top_p: _Optional[float] = ..., resize_policy: _Optional[_Union[_common_pb2.ResizePolicy, str]] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., model: _Optional[str] = ..., num_images: _Optional[int] = ..., step_cache_threshold: _Optional[float] = ..., step_cache_warmup: _Optional[float] = ..., step_cache_max_cached_steps: _Optional[int] = ...) -> None: ...
 
 class GenerateVideoRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "frames", "fps", "steps", "seed", "guidance", "cfg_range", "format", "quality", "preview")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "frames", "fps", "steps", "seed", "guidance", "cfg_range", "format", "quality", "preview", "model", "step_cache_threshold", "step_cache_warmup", "step_cache_max_cached_steps")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +124,10 @@ class GenerateVideoRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_MAX_CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -117,10 +141,14 @@ class GenerateVideoRequest(_message.Message):
     format: _common_pb2.VideoFormat
     quality: int
     preview: bool
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., format: _Optional[_Union[_common_pb2.VideoFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ...) -> None: ...
+    model: str
+    step_cache_threshold: float
+    step_cache_warmup: float
+    step_cache_max_cached_steps: int
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., format: _Optional[_Union[_common_pb2.VideoFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., model: _Optional[str] = ..., step_cache_threshold: _Optional[float] = ..., step_cache_warmup: _Optional[float] = ..., step_cache_max_cached_steps: _Optional[int] = ...) -> None: ...
 
 class EditVideoRequest(_message.Message):
-    __slots__ = ("instruction", "source_video", "negative_prompt", "width", "height", "frames", "fps", "steps", "seed", "guidance", "context_guidance", "cfg_range", "resize_policy", "format", "quality", "preview")
+    __slots__ = ("instruction", "source_video", "negative_prompt", "width", "height", "frames", "fps", "steps", "seed", "guidance", "context_guidance", "cfg_range", "resize_policy", "format", "quality", "preview", "model", "step_cache_threshold", "step_cache_warmup", "step_cache_max_cached_steps")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_VIDEO_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +165,10 @@ class EditVideoRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_MAX_CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     instruction: str
     source_video: _common_pb2.Media
     negative_prompt: str
@@ -153,7 +185,11 @@ class EditVideoRequest(_message.Message):
     format: _common_pb2.VideoFormat
     quality: int
     preview: bool
-    def __init__(self, instruction: _Optional[str] = ..., source_video: _Optional[_Union[_common_pb2.Media, _Mapping]] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., context_guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., resize_policy: _Optional[_Union[_common_pb2.ResizePolicy, str]] = ..., format: _Optional[_Union[_common_pb2.VideoFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ...) -> None: ...
+    model: str
+    step_cache_threshold: float
+    step_cache_warmup: float
+    step_cache_max_cached_steps: int
+    def __init__(self, instruction: _Optional[str] = ..., source_video: _Optional[_Union[_common_pb2.Media, _Mapping]] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., context_guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., resize_policy: _Optional[_Union[_common_pb2.ResizePolicy, str]] = ..., format: _Optional[_Union[_common_pb2.VideoFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., model: _Optional[str] = ..., step_cache_threshold: _Optional[float] = ..., step_cache_warmup: _Optional[float] = ..., step_cache_max_cached_steps: _Optional[int] = ...) -> None: ...
 
 class GenerationEvent(_message.Message):
     __slots__ = ("request_id", "queued", "planning", "denoise_step", "decoding", "result")
@@ -182,21 +218,23 @@ class Planning(_message.Message):
     def __init__(self, planned_tokens: _Optional[int] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
-    __slots__ = ("step", "total", "preview")
+    __slots__ = ("step", "total", "preview", "index")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     preview: _common_pb2.Media
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., preview: _Optional[_Union[_common_pb2.Media, _Mapping]] = ...) -> None: ...
+    index: int
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., preview: _Optional[_Union[_common_pb2.Media, _Mapping]] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Decoding(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GenerationResult(_message.Message):
-    __slots__ = ("media", "width", "height", "frames", "fps", "seed", "model", "timings", "planned_tokens", "steps")
+    __slots__ = ("media", "width", "height", "frames", "fps", "seed", "model", "timings", "planned_tokens", "steps", "index")
     MEDIA_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +245,7 @@ class GenerationResult(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PLANNED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     media: _common_pb2.Media
     width: int
     height: int
@@ -217,23 +256,26 @@ class GenerationResult(_message.Message):
     timings: _common_pb2.Timings
     planned_tokens: int
     steps: int
-    def __init__(self, media: _Optional[_Union[_common_pb2.Media, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., planned_tokens: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    index: int
+    def __init__(self, media: _Optional[_Union[_common_pb2.Media, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., planned_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class UnderstandRequest(_message.Message):
-    __slots__ = ("messages", "max_tokens", "temperature", "top_p", "seed", "stop")
+    __slots__ = ("messages", "max_tokens", "temperature", "top_p", "seed", "stop", "model")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     max_tokens: int
     temperature: float
     top_p: float
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    model: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
