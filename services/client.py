@@ -40,6 +40,8 @@ class GenerationOutput:
     seed: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
+    index: int = 0  # which image of a num_images request
+    more: list[GenerationOutput] = field(default_factory=list)  # the other images (num_images > 1)
 
 
 ProgressFn = Callable[[str, int, int], None]
@@ -98,7 +100,9 @@ class MammothClient:
 
     # -- gRPC ----------------------------------------------------------------------------------
     def _consume(self, stream: Iterator[generation_pb2.GenerationEvent], progress: ProgressFn | None) -> GenerationOutput:
+        """Progress to ``progress``; the first image, with the others (``num_images``) in ``more``."""
         events: list[str] = []
+        outputs: list[GenerationOutput] = []
         try:
             for event in stream:
                 kind = event.WhichOneof("event")
@@ -110,11 +114,15 @@ class MammothClient:
                         progress(kind, 0, 0)
                 if kind == "result":
                     r = event.result
-                    return GenerationOutput(r.media.data, r.media.mime_type, r.width, r.height, r.frames, r.seed,
-                                            dict(r.timings.seconds), events)
+                    outputs.append(GenerationOutput(r.media.data, r.media.mime_type, r.width, r.height, r.frames,
+                                                    r.seed, dict(r.timings.seconds), events, r.index))
         except grpc.RpcError as exc:
             raise ClientError(exc.code().name, exc.details()) from None
-        raise ClientError("INTERNAL", "the stream ended without a result")
+        if not outputs:
+            raise ClientError("INTERNAL", "the stream ended without a result")
+        outputs.sort(key=lambda o: o.index)
+        outputs[0].more = outputs[1:]
+        return outputs[0]
 
     def generate_image(self, prompt: str, *, progress: ProgressFn | None = None, **options: Any) -> GenerationOutput:
         if self.use_http:
@@ -169,8 +177,11 @@ class MammothClient:
             raise ClientError(exc.code().name, exc.details()) from None
 
     # -- HTTP ----------------------------------------------------------------------------------
-    def _http_stream(self, path: str, body: dict[str, Any], progress: ProgressFn | None) -> dict[str, Any]:
+    def _http_stream(self, path: str, body: dict[str, Any], progress: ProgressFn | None) -> list[dict[str, Any]]:
+        """OpenAI's image stream (with Mammoth's progress events): every ``*.completed`` payload."""
         import httpx
+
+        completed: list[dict[str, Any]] = []
 
         with httpx.stream("POST", self.http_url + path, json=body, headers=self._headers(),
                           timeout=self.timeout_s) as response:
@@ -186,18 +197,24 @@ class MammothClient:
                     raise ClientError(payload["error"]["type"], payload["error"]["message"])
                 if progress is not None and kind == "denoise_step":
                     progress("denoise", payload["step"], payload["total"])
-                if kind == "completed":
-                    return payload
-        raise ClientError("INTERNAL", "the event stream ended without a result")
+                if kind in ("image_generation.completed", "image_edit.completed"):
+                    completed.append(payload)
+        if not completed:
+            raise ClientError("INTERNAL", "the event stream ended without a result")
+        return completed
 
     def _http_image(self, path: str, prompt: str, images: list[bytes], progress: ProgressFn | None,
                     options: dict[str, Any]) -> GenerationOutput:
         body = _http_image_body(prompt, options)
         body["images"] = [base64.b64encode(d).decode() for d in images]
         body["stream"] = True
+        body["progress_events"] = True
         if not images:
             body.pop("images")
-        return _output_from_json(self._http_stream(path, body, progress))
+        outputs = sorted((_output_from_json(p) for p in self._http_stream(path, body, progress)),
+                         key=lambda o: o.index)
+        outputs[0].more = outputs[1:]
+        return outputs[0]
 
     def _http_video(self, prompt: str, video: bytes | None, progress: ProgressFn | None,
                     options: dict[str, Any]) -> GenerationOutput:
@@ -266,7 +283,8 @@ def _size(options: dict[str, Any]) -> str | None:
 
 
 def _image_options(options: dict[str, Any]) -> dict[str, Any]:
-    out = {k: options[k] for k in ("width", "height", "steps", "seed", "negative_prompt") if options.get(k) is not None}
+    keys = ("width", "height", "steps", "seed", "negative_prompt", "num_images")
+    out = {k: options[k] for k in keys if options.get(k) is not None}
     if options.get("guidance") is not None:
         out["text_guidance"] = options["guidance"]
     return out
@@ -279,14 +297,16 @@ def _video_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _http_image_body(prompt: str, options: dict[str, Any]) -> dict[str, Any]:
     body = {"prompt": prompt, "size": _size(options), "steps": options.get("steps"), "seed": options.get("seed"),
-            "guidance_scale": options.get("guidance"), "negative_prompt": options.get("negative_prompt")}
+            "guidance_scale": options.get("guidance"), "negative_prompt": options.get("negative_prompt"),
+            "n": options.get("num_images")}
     return {k: v for k, v in body.items() if v is not None}
 
 
 def _output_from_json(payload: dict[str, Any]) -> GenerationOutput:
-    item = payload["data"][0]
-    return GenerationOutput(base64.b64decode(item["b64_json"]), item["mime_type"], payload["width"], payload["height"],
-                            payload["frames"], payload["seed"], payload.get("timings", {}))
+    """One ``image_generation.completed`` / ``image_edit.completed`` event."""
+    return GenerationOutput(base64.b64decode(payload["b64_json"]), payload["mime_type"], payload["width"],
+                            payload["height"], payload["frames"], payload["seed"], payload.get("timings", {}),
+                            index=payload.get("index", 0))
 
 
 def _http_message(response: Any) -> str:

@@ -6,6 +6,9 @@ reaches, so jobs live outside the replicas: in one detached, named Ray actor
 what it holds (jobs, running jobs, bytes of finished videos; a create beyond a bound is
 refused with ``Busy``, never by cancelling another job), drops finished jobs after
 ``result_ttl_s`` and fails a job still unfinished past its deadline (its replica died or hung).
+A deleted job is gone at once; one still running is cancelled by its replica, which learns it
+from ``progress`` returning False. The same store keeps the images of ``response_format: url``
+responses (``put_file``/``file``) until their expiry, within the same byte bound.
 
 ``VideoJobStore`` is the plain logic (a clock is injectable for tests); the actor wraps it.
 """
@@ -32,16 +35,23 @@ class _Job:
     status: str = "queued"  # queued -> in_progress -> completed | failed
     progress: int = 0
     finished_at: float | None = None
-    meta: dict[str, Any] = field(default_factory=dict)  # model, seed, size, timings of the result
+    meta: dict[str, Any] = field(default_factory=dict)  # model, size, seconds, prompt; then the result's
+    ttl_s: float = 0.0
     data: bytes | None = None
     mime_type: str = ""
     error: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "object": "video", "status": self.status, "progress": self.progress,
-                               "created_at": int(self.created_at), **self.meta}
+        """OpenAI's video object (``completed_at``/``expires_at`` once finished) plus Mammoth's fields."""
+        finished = self.finished_at is not None
+        out: dict[str, Any] = {"model": "", "size": "", "seconds": "", "prompt": None, **self.meta,
+                               "id": self.id, "object": "video", "status": self.status, "progress": self.progress,
+                               "created_at": int(self.created_at),
+                               "completed_at": int(self.finished_at) if finished else None,
+                               "expires_at": int(self.finished_at + self.ttl_s) if finished else None,
+                               "remixed_from_video_id": None, "error": None}
         if self.error is not None:
-            out["error"] = self.error
+            out["error"] = {"code": self.error.get("type", "error"), "param": None, **self.error}
         return out
 
 
@@ -53,10 +63,12 @@ class VideoJobStore:
         self.deadline_s = deadline_s
         self.clock = clock
         self._jobs: dict[str, _Job] = {}
+        self._files: dict[str, tuple[bytes, str, float]] = {}  # id -> (bytes, mime type, expires at)
         self._bytes = 0
 
-    def create(self, job_id: str) -> dict[str, Any]:
-        """Admit a new job or raise ``Busy``; existing jobs are never evicted or cancelled for it."""
+    def create(self, job_id: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Admit a new job or raise ``Busy``; existing jobs are never evicted or cancelled for it.
+        ``meta`` is what the job says from the start (model, size, seconds, prompt)."""
         self._sweep()
         if job_id in self._jobs:
             raise ValueError(f"video job {job_id!r} exists")
@@ -66,13 +78,16 @@ class VideoJobStore:
         if running >= self.settings.max_running:
             raise Busy(f"{running} video jobs are running (limit {self.settings.max_running}), retry later")
         now = self.clock()
-        job = self._jobs[job_id] = _Job(job_id, now, now + self.deadline_s)
+        job = self._jobs[job_id] = _Job(job_id, now, now + self.deadline_s, meta=dict(meta or {}),
+                                        ttl_s=self.settings.result_ttl_s)
         return job.as_json()
 
-    def progress(self, job_id: str, progress: int) -> None:
+    def progress(self, job_id: str, progress: int) -> bool:
+        """Record progress; False when the job is no longer running (deleted or failed): stop it."""
         job = self._active(job_id)
         if job is not None:
             job.status, job.progress = "in_progress", max(job.progress, min(int(progress), 99))
+        return job is not None
 
     def finish(self, job_id: str, meta: dict[str, Any], data: bytes, mime_type: str) -> dict[str, Any] | None:
         """Store the video; one that would pass ``max_bytes`` fails the job instead."""
@@ -83,7 +98,7 @@ class VideoJobStore:
             return self._end(job, "failed", error={
                 "message": f"the video store is full ({self.settings.max_bytes} bytes), retry later",
                 "type": "rate_limit_error"})
-        job.meta, job.data, job.mime_type = dict(meta), bytes(data), mime_type
+        job.meta, job.data, job.mime_type = {**job.meta, **meta}, bytes(data), mime_type
         self._bytes += len(job.data)
         return self._end(job, "completed", progress=100)
 
@@ -101,6 +116,41 @@ class VideoJobStore:
         self._sweep()
         job = self._jobs.get(job_id)
         return None if job is None else (job.status, job.data, job.mime_type)
+
+    def list(self, after: str | None = None, limit: int = 20, order: str = "desc") -> dict[str, Any]:
+        """One page of jobs by creation time (OpenAI's cursor page: ``after`` is the last id seen)."""
+        self._sweep()
+        jobs = sorted(self._jobs.values(), key=lambda j: (j.created_at, j.id), reverse=order == "desc")
+        if after is not None:
+            ids = [j.id for j in jobs]
+            jobs = jobs[ids.index(after) + 1:] if after in ids else []
+        page = [j.as_json() for j in jobs[:limit]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(jobs) > limit}
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a job whatever its state (a running one stops at its next ``progress``)."""
+        self._sweep()
+        job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self._bytes -= len(job.data or b"")
+        return job is not None
+
+    def put_file(self, file_id: str, data: bytes, mime_type: str, ttl_s: float) -> int:
+        """Keep an image for ``ttl_s``; returns its expiry (Unix seconds). ``Busy`` when it would
+        pass ``max_bytes``."""
+        self._sweep()
+        if self._bytes + len(data) > self.settings.max_bytes:
+            raise Busy(f"the media store is full ({self.settings.max_bytes} bytes), retry later")
+        expires = self.clock() + ttl_s
+        self._files[file_id] = (bytes(data), mime_type, expires)
+        self._bytes += len(data)
+        return int(expires)
+
+    def file(self, file_id: str) -> tuple[bytes, str] | None:
+        self._sweep()
+        found = self._files.get(file_id)
+        return None if found is None else found[:2]
 
     def counts(self) -> dict[str, int]:
         self._sweep()
@@ -128,6 +178,10 @@ class VideoJobStore:
             if job.finished_at is not None and now > job.finished_at + self.settings.result_ttl_s:
                 self._bytes -= len(job.data or b"")
                 del self._jobs[job_id]
+        for file_id, (data, _, expires) in list(self._files.items()):
+            if now > expires:
+                self._bytes -= len(data)
+                del self._files[file_id]
 
 
 class VideoJobStoreActor(VideoJobStore):

@@ -6,8 +6,10 @@ tensor: each stage's DeploymentResponse goes straight into the next stage's call
 
 
 import asyncio
+import contextlib
 import functools
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,27 +29,50 @@ from .. import stage_messages as messages
 from ..errors import RequestTooLarge, classify, root_cause
 from ..handoff import MediaGeometry, MediaOutput
 from ..http_api import (
+    ERROR_CODES,
     ChatBody,
     ImageGenerationBody,
     LimitedBody,
+    Refused,
     RequireKey,
     VideoBody,
+    chat_chunk,
+    chat_completion,
     chat_request,
+    chat_usage,
+    completed_event,
+    error_body,
     event_json,
     http_field,
     http_message,
+    image_item,
     image_request,
+    images_response,
+    is_image,
     parse_body,
-    result_json,
+    partial_image_event,
     sse,
+    video_model_fields,
     video_request,
 )
-from ..jobs import ImageJob, InvalidArgument, UnderstandJob, VideoJob, image_job, understand_job, video_job
-from ..local import ensure_model
+from ..jobs import (
+    ImageJob,
+    InvalidArgument,
+    UnderstandJob,
+    VideoJob,
+    check_int,
+    understand_job,
+)
+from ..model_routing import ModelRouter, ServedModel, requested_model
+from ..playground import mount_playground, open_paths
 from ..render import stage_app_name
+from ..stage_setup import ensure_model
+from ..understanding import UnderstandDone
 from ..video_jobs import store_actor
+from .admission import Admission
 from .common import ApiKeys, config_from_args, deployment_options
 from .grpc_util import grpc_abort, timings_proto
+from .stage_health import StageHealth, health_service_names
 
 
 class _ForwardToASGI(StarletteResponse):
@@ -66,12 +91,14 @@ class _ForwardToASGI(StarletteResponse):
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    field_name = ".".join(str(p) for p in first["loc"] if p != "body")
+    field_name = ".".join(str(p) for p in first["loc"] if p not in ("body", "query"))
     return _error_json(422, f"{field_name}: {first['msg']}", "invalid_request_error", field_name)
 
 
-def _error_json(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param}})
+def _error_json(status: int, message: str, kind: str, param: str | None = None,
+                code: str | None = None) -> JSONResponse:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return JSONResponse(status_code=status, content=error_body(message, kind, param, code or ERROR_CODES.get(status)))
 
 
 class RayStages:
@@ -145,23 +172,30 @@ class IngressDeployment:
         self.cfg = config_from_args(args)
         self.limits = self.cfg.ingress.limits
         self.auth = ApiKeys.from_settings(self.cfg.ingress)  # refuses to start with auth on and no keys
-        self.stages: dict[str, RayStages] = {}
-        self.defaults: dict[str, dict[str, Any]] = {}
+        self.stages: dict[str, RayStages] = {}  # served model name -> its stage apps
         self.stage_apps: dict[str, str] = {}  # stage app name -> stage kind
-        for name in self.cfg.models:
-            index = ensure_model(self.cfg, name)
+        indexes = {name: ensure_model(self.cfg, name) for name in self.cfg.models}
+        for name in indexes:
             apps = [stage_app_name(name, stage) for stage in _STAGE_DEPLOYMENTS]
-            self.stages[index.family] = RayStages(index.preset, name, functools.partial(self._apps_serving, apps))
-            self.defaults[index.family] = index.defaults
-            self.stage_apps.update({stage_app_name(name, stage): stage for stage in _STAGE_DEPLOYMENTS})
+            self.stages[name] = RayStages(name, name, functools.partial(self._apps_serving, apps))
+            self.stage_apps.update(dict(zip(apps, _STAGE_DEPLOYMENTS)))
+        # a request's ``model`` (else the task's default model) -> that model (services.model_routing)
+        self.router = ModelRouter.from_indexes(indexes, self.cfg.ingress.default_models, self.stages)
         self.retries = self.cfg.ingress.stage_retries
+        self._started = time.time()
         jobs = self.cfg.ingress.video_jobs
         self._job_deadline_s = self.limits.request_timeout_s + self.cfg.ingress.health_timeout_s
         self.jobs = store_actor(jobs, self._job_deadline_s)
-        self._video_tasks: set[asyncio.Task] = set()
-        self._status_cache: tuple[float, dict[str, int]] | None = None
+        self._video_tasks: dict[str, asyncio.Task] = {}  # video id -> its task in this replica
+        self.admission = Admission(self.cfg.ingress.max_ongoing_requests, self.cfg.ingress.max_queued_requests)
+        timeout_s = self.cfg.ingress.health_timeout_s
+        self.health = StageHealth({app: _STAGE_DEPLOYMENTS[kind] for app, kind in self.stage_apps.items()},
+                                  probe_timeout_s=4 * timeout_s, answer_s=timeout_s)
+        self.health_names = {alias: app for name in indexes for stage in _STAGE_DEPLOYMENTS
+                             for alias in health_service_names(name, stage)
+                             for app in [stage_app_name(name, stage)]}
         self.http = RequireKey(LimitedBody(self._http_app(), self.limits.max_request_bytes),
-                               self.auth.check_headers, _OPEN_PATHS)
+                               self.auth.check_headers, _OPEN_PATHS | open_paths(self.cfg.ingress.playground))
 
     def _http_app(self) -> FastAPI:
         app = FastAPI(title="Mammoth Serve", version="1")
@@ -169,12 +203,16 @@ class IngressDeployment:
         app.add_api_route("/v1/images/generations", self.images_generations, methods=["POST"])
         app.add_api_route("/v1/images/edits", self.images_edits, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/v1/images/files/{file_id}", self.get_image_file, methods=["GET"])
         app.add_api_route("/v1/videos", self.create_video, methods=["POST"])
+        app.add_api_route("/v1/videos", self.list_videos, methods=["GET"])
         app.add_api_route("/v1/videos/{video_id}", self.get_video, methods=["GET"])
+        app.add_api_route("/v1/videos/{video_id}", self.delete_video, methods=["DELETE"])
         app.add_api_route("/v1/videos/{video_id}/content", self.get_video_content, methods=["GET"])
         app.add_api_route("/v1/models", self.list_models, methods=["GET"])
         app.add_api_route("/health", self.live, methods=["GET"])
         app.add_api_route("/ready", self.ready, methods=["GET"])
+        mount_playground(app, self.cfg.ingress.playground)
         return app
 
     async def __call__(self, request: Request) -> StarletteResponse:
@@ -193,11 +231,11 @@ class IngressDeployment:
             self.jobs = store_actor(self.cfg.ingress.video_jobs, self._job_deadline_s)
 
     # -- shared ------------------------------------------------------------------------------
-    def _family_stages(self, family: str, field_name: str = "model") -> RayStages:
-        if family not in self.stages:
-            task = "image" if family == "mammoth2" else "video"
-            raise InvalidArgument(field_name, f"this server has no {task} model")
-        return self.stages[family]
+    def _route(self, task: str, msg: Any) -> ServedModel:
+        """The served model of a request: its ``model`` field, else the task's default. Unknown
+        names are ``ModelNotFound`` (HTTP 404 ``model_not_found``); a model that does not serve
+        ``task`` is INVALID_ARGUMENT naming ``model``."""
+        return self.router.route(task, requested_model(msg))
 
     def _check_latent_tokens(self, job: ImageJob | VideoJob) -> None:
         """The DiT's own bound, checked here so a too-large size is the client's 422, not a stage error."""
@@ -208,24 +246,37 @@ class IngressDeployment:
             raise InvalidArgument("width", f"{job.width}x{job.height} needs {positions} latent positions, over the "
                                   f"limit {limit}")
 
-    def _image_flow(self, msg: Any, *, edit: bool) -> AsyncIterator[flows.Event]:
-        stages = self._family_stages("mammoth2")
-        job = image_job(msg, self.defaults["mammoth2"], self.limits, edit=edit)
+    def _image_flow(self, msg: Any, *, edit: bool, partial_images: int = 0) -> AsyncIterator[flows.Event]:
+        """``num_images`` images of one prompt (seeds seed, seed+1, ...), one Result each;
+        ``partial_images`` previews per image, spread over the steps (OpenAI streaming)."""
+        task = "image_edit" if edit else "text_to_image"
+        served = self._route(task, msg)
+        stages = served.stages
+        job = served.family.build_job(msg, served.defaults, self.limits, task)
+        count = check_int("num_images", msg.num_images if msg.HasField("num_images") else 1, 1, self.limits.max_images)
         self._check_latent_tokens(job)
-        flow = flows.edit_image if edit else flows.text_to_image
-        return self._with_deadline(flow(stages, job, retries=self.retries))
+        previews = flows.preview_steps(job.steps, partial_images) if partial_images else None
+        return self._with_deadline(flows.images(stages, job, count, edit=edit, retries=self.retries,
+                                                previews=previews))
 
-    def _video_flow(self, msg: Any, *, edit: bool) -> AsyncIterator[flows.Event]:
-        stages = self._family_stages("mammoth25")
-        job = video_job(msg, self.defaults["mammoth25"], self.limits, edit=edit)
+    def _video_job_flow(self, msg: Any, *, edit: bool) -> tuple[VideoJob, AsyncIterator[flows.Event]]:
+        task = "video_edit" if edit else "text_to_video"
+        served = self._route(task, msg)
+        stages = served.stages
+        job = served.family.build_job(msg, served.defaults, self.limits, task)
         self._check_latent_tokens(job)
         flow = flows.edit_video if edit else flows.text_to_video
-        return self._with_deadline(flow(stages, job, retries=self.retries))
+        return job, self._with_deadline(flow(stages, job, retries=self.retries))
 
-    def _understand(self, msg: Any) -> tuple[UnderstandJob, AsyncIterator[str]]:
+    def _video_flow(self, msg: Any, *, edit: bool) -> AsyncIterator[flows.Event]:
+        return self._video_job_flow(msg, edit=edit)[1]
+
+    def _understand(self, msg: Any,
+                    done: list[UnderstandDone] | None = None) -> tuple[UnderstandJob, AsyncIterator[str]]:
+        """One answer; ``done`` collects the planner's token counts and finish reason."""
+        stages = self._route("understand", msg).stages
         job = understand_job(msg, self.limits)
-        family = "mammoth2" if "mammoth2" in self.stages else next(iter(self.stages))
-        return job, self._with_deadline(flows.understand(self.stages[family], job, retries=self.retries))
+        return job, self._with_deadline(flows.understand(stages, job, retries=self.retries, done=done))
 
     async def _with_deadline(self, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async with asyncio.timeout(self.limits.request_timeout_s):
@@ -243,9 +294,10 @@ class IngressDeployment:
         request_id = ""
         try:
             self._check_grpc(request, grpc_context)
-            async for event in make_flow(request):
-                request_id = event.request_id
-                yield _event_proto(event)
+            async with self.admission.slot():
+                async for event in make_flow(request):
+                    request_id = event.request_id
+                    yield _event_proto(event)
         except Exception as exc:  # noqa: BLE001
             grpc_abort(grpc_context, exc, request_id)
 
@@ -269,36 +321,26 @@ class IngressDeployment:
         request_id = ""
         try:
             self._check_grpc(request, grpc_context)
-            job, deltas = self._understand(request)
+            done: list[UnderstandDone] = []
+            job, deltas = self._understand(request, done=done)
             request_id = job.request_id
             count = 0
-            async for delta in deltas:
-                count += 1
-                yield generation_pb2.UnderstandEvent(request_id=job.request_id, text=delta)
-            yield generation_pb2.UnderstandEvent(request_id=job.request_id, finish_reason="stop",
-                                                 usage=generation_pb2.Usage(completion_tokens=count))
+            async with self.admission.slot():
+                async for delta in deltas:
+                    count += 1
+                    yield generation_pb2.UnderstandEvent(request_id=job.request_id, text=delta)
+            end = done[-1] if done else UnderstandDone(0, count, "stop")
+            yield generation_pb2.UnderstandEvent(request_id=job.request_id, finish_reason=end.finish_reason,
+                                                 usage=generation_pb2.Usage(prompt_tokens=end.prompt_tokens,
+                                                                            completion_tokens=end.completion_tokens))
         except Exception as exc:  # noqa: BLE001
             grpc_abort(grpc_context, exc, request_id)
 
     # -- health: grpc.health.v1.Health (routed here by the proxy, see services.render) and HTTP --
     async def stage_states(self) -> dict[str, int]:
-        """Each stage application's state: SERVING while Serve has a RUNNING replica of it
-        (Serve replaces replicas whose ``check_health`` fails, so a dead engine shows here)."""
-        now = time.monotonic()
-        if self._status_cache is not None and now - self._status_cache[0] < 1.0:
-            return self._status_cache[1]
-        try:
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), self.cfg.ingress.health_timeout_s)
-        except Exception:  # noqa: BLE001 - the controller not answering: nothing is known to serve
-            return dict.fromkeys(self.stage_apps, NOT_SERVING)
-        states = {}
-        for app_name, kind in self.stage_apps.items():
-            app = status.applications.get(app_name)
-            deployment = app.deployments.get(_STAGE_DEPLOYMENTS[kind]) if app is not None else None
-            running = deployment.replica_states.get("RUNNING", 0) if deployment is not None else 0
-            states[app_name] = SERVING if running > 0 else NOT_SERVING
-        self._status_cache = (now, states)
-        return states
+        """Each stage application's state from its replicas' own ``check_health``
+        (``services.apps.stage_health``): SERVING while one of them passes."""
+        return await self.health.states()
 
     async def _apps_serving(self, apps: list[str]) -> bool:
         """True once every app in ``apps`` has a running replica, waiting up to ``retry_wait_s``
@@ -316,8 +358,8 @@ class IngressDeployment:
         states = await self.stage_states()
         if service in ("", SERVICE_NAMES["generation"]):
             chosen = list(states.values())
-        elif service in states:
-            chosen = [states[service]]
+        elif service in self.health_names:
+            chosen = [states[self.health_names[service]]]
         elif service in _STAGE_SERVICES:
             chosen = [v for app, v in states.items() if self.stage_apps[app] == _STAGE_SERVICES[service]]
         else:
@@ -325,8 +367,8 @@ class IngressDeployment:
         return SERVING if all(v == SERVING for v in chosen) else NOT_SERVING
 
     async def Check(self, request, grpc_context=None):  # noqa: N802
-        """Overall ("" or ``mammoth.v1.Generation``), one stage app (``image-dit``) or one
-        stage service (``mammoth.v1.DiT``, all models); health needs no key."""
+        """Overall ("" or ``mammoth.v1.Generation``), one model's stage (``mammoth.dit.image`` or
+        its app ``image-dit``) or one stage service (``mammoth.v1.DiT``, all models); no key needed."""
         try:
             return health_pb2.HealthCheckResponse(status=await self._health_of(request.service))
         except UnknownService:
@@ -358,90 +400,148 @@ class IngressDeployment:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     # -- HTTP -----------------------------------------------------------------------------------
-    async def _http_errors(self, request: Request, work):
+    async def _http_errors(self, request: Request, work, *, admit: bool = False):
+        """``admit``: a generation, run within the ingress's own bounds (``self.admission``); a
+        streamed answer holds its slot until the stream ends."""
+        slot = contextlib.AsyncExitStack()
         try:
-            return await work()
+            if admit:
+                await slot.enter_async_context(self.admission.slot())
+            response = await work()
         except Exception as exc:  # noqa: BLE001
-            error = classify(exc, _serve_request_id())
-            field_name = getattr(root_cause(exc), "field", None)
-            return _error_json(error.http_status, http_message(error.message), error.kind,
-                               http_field(field_name) if field_name else None)
+            await slot.aclose()
+            return _http_error(exc)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _release_after(response.body_iterator, slot)
+        else:
+            await slot.aclose()
+        return response
+
+    async def _image_body(self, request: Request) -> tuple[ImageGenerationBody, list[bytes]]:
+        """JSON, or multipart as the OpenAI SDK sends edits (``image`` / ``image[]`` files, every
+        other field a string that the body model converts: ``n="2"``, ``stream="true"``)."""
+        if not _is_multipart(request):
+            return parse_body(ImageGenerationBody, await _json(request)), []
+        files: list[bytes] = []
+        form = await request.form(max_files=self.limits.max_reference_images + 2)
+        data: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if key in ("image", "image[]"):
+                files.append(await _read_upload(f"image[{len(files)}]", value, self.limits.max_image_bytes))
+            elif key in ("mask", "markup"):
+                data[key] = "file"  # refused by name below, unread
+            else:
+                data[key] = value
+        return parse_body(ImageGenerationBody, data), files
 
     async def _image_http(self, request: Request, *, edit: bool):
-        files: list[bytes] = []
-        if _is_multipart(request):
-            form = await request.form(max_files=self.limits.max_reference_images + 1)
-            data: dict[str, Any] = {}
-            for key, value in form.multi_items():
-                if key in ("image", "image[]"):
-                    files.append(await _read_upload(f"image[{len(files)}]", value, self.limits.max_image_bytes))
-                else:
-                    data[key] = value
-            body = parse_body(ImageGenerationBody, data)
-        else:
-            body = parse_body(ImageGenerationBody, await _json(request))
+        body, files = await self._image_body(request)
         msg = image_request(body, edit=edit, files=files, max_image_bytes=self.limits.max_image_bytes)
-        flow = self._image_flow(msg, edit=edit)
+        flow = self._image_flow(msg, edit=edit, partial_images=body.partial_images or 0)
+        first = await anext(flow)  # bad requests fail here, as a status
         if body.stream:
-            first = await anext(flow)  # surface bad requests as a status, not mid-stream
-            return StreamingResponse(_sse_events(first, flow), media_type="text/event-stream")
-        result = None
-        async for event in flow:
-            result = event
-        return JSONResponse(result_json(result))
+            return StreamingResponse(_image_sse(first, flow, body, edit=edit), media_type="text/event-stream")
+        results = sorted([e async for e in flow if isinstance(e, flows.Result)], key=lambda r: r.index)
+        if body.response_format == "url":
+            items = [image_item(r, await self._image_url(request, r)) for r in results]
+        else:
+            items = [image_item(r) for r in results]
+        return JSONResponse(images_response(results, body, items))
+
+    async def _image_url(self, request: Request, result: flows.Result) -> str:
+        """Keep the image in the shared store until ``ingress.image_url_ttl_s``; its URL on this server."""
+        file_id = f"img-{uuid.uuid4().hex}"
+        await self.jobs.put_file.remote(file_id, result.media.data, result.media.mime_type,
+                                        self.cfg.ingress.image_url_ttl_s)
+        return str(request.base_url).rstrip("/") + f"/v1/images/files/{file_id}"
+
+    async def get_image_file(self, file_id: str, request: Request):
+        async def work():
+            found = await self.jobs.file.remote(file_id)
+            if found is None:
+                return _error_json(404, "image not found (or expired)", "invalid_request_error", "file_id")
+            data, mime_type = found
+            return Response(data, media_type=mime_type)
+        return await self._http_errors(request, work)
 
     async def images_generations(self, request: Request):
-        return await self._http_errors(request, lambda: self._image_http(request, edit=False))
+        return await self._http_errors(request, lambda: self._image_http(request, edit=False), admit=True)
 
     async def images_edits(self, request: Request):
-        return await self._http_errors(request, lambda: self._image_http(request, edit=True))
+        return await self._http_errors(request, lambda: self._image_http(request, edit=True), admit=True)
 
     async def chat_completions(self, request: Request):
         async def work():
             body = parse_body(ChatBody, await _json(request))
             msg = chat_request(body, self.limits.max_image_bytes, self.limits.max_video_bytes)
-            job, deltas = self._understand(msg)
-            created, name = int(time.time()), body.model or "mammoth"
+            name = self._route("understand", msg).name
+            count = check_int("n", 1 if body.n is None else body.n, 1, self.limits.max_images)
+            dones: list[list[UnderstandDone]] = [[] for _ in range(count)]
+            answers = []
+            for i in range(count):  # n choices: n planner requests (seed, seed+1, ... when seeded)
+                choice = generation_pb2.UnderstandRequest()
+                choice.CopyFrom(msg)
+                if msg.HasField("seed"):
+                    choice.seed = (msg.seed + i) % 2**63
+                answers.append(self._understand(choice, dones[i]))
+            request_id, created = answers[0][0].request_id, int(time.time())
+            merged = flows.merge_streams([deltas for _, deltas in answers])
+            first = await anext(merged, None)  # bad requests fail here, as a status
             if body.stream:
-                first = await anext(deltas, "")
-                return StreamingResponse(_chat_sse(job.request_id, created, name, first, deltas),
+                usage = bool((body.stream_options or {}).get("include_usage"))
+                return StreamingResponse(_chat_sse(request_id, created, name, first, merged, dones, usage),
                                          media_type="text/event-stream")
-            text = "".join([d async for d in deltas])
-            return JSONResponse({"id": job.request_id, "object": "chat.completion", "created": created, "model": name,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                              "finish_reason": "stop"}]})
-        return await self._http_errors(request, work)
+            texts = [""] * count
+            if first is not None:
+                texts[first[0]] += first[1]
+            async for index, delta in merged:
+                texts[index] += delta
+            return JSONResponse(chat_completion(request_id, created, name, texts, [d[-1] for d in dones if d]))
+        return await self._http_errors(request, work, admit=True)
+
+    async def _video_body(self, request: Request) -> tuple[VideoBody, bytes | None]:
+        """JSON, or multipart (the OpenAI SDK always sends multipart) with ``input_reference``."""
+        if not _is_multipart(request):
+            return parse_body(VideoBody, await _json(request)), None
+        source = None
+        form = await request.form(max_files=1)
+        data = {}
+        for key, value in form.multi_items():
+            if key in ("input_reference", "input_video", "video_file"):
+                source = await _read_upload(key, value, self.limits.max_video_bytes)
+                if is_image(source):
+                    raise Refused(key, "image-to-video (a start frame) is not supported by the served model; "
+                                  "upload a video to edit it")
+            else:
+                data[key] = value
+        return parse_body(VideoBody, data), source
 
     async def create_video(self, request: Request):
         async def work():
-            source = None
-            if _is_multipart(request):
-                form = await request.form(max_files=1)
-                data = {}
-                for key, value in form.multi_items():
-                    if key in ("input_video", "video_file"):
-                        source = await _read_upload(key, value, self.limits.max_video_bytes)
-                    else:
-                        data[key] = value
-                body = parse_body(VideoBody, data)
-            else:
-                body = parse_body(VideoBody, await _json(request))
+            body, source = await self._video_body(request)
             msg = video_request(body, source, self.limits.max_video_bytes)
-            flow = self._video_flow(msg, edit=isinstance(msg, generation_pb2.EditVideoRequest))
+            edit = isinstance(msg, generation_pb2.EditVideoRequest)
+            job, flow = self._video_job_flow(msg, edit=edit)
             first = await anext(flow)  # bad requests fail here, before a job exists
+            model = self._route("video_edit" if edit else "text_to_video", msg).name
+            meta = video_model_fields(model=model, width=job.width, height=job.height, frames=job.frames,
+                                      fps=job.fps, prompt=job.prompt)
+            if job.size_from_source:  # known once the source is read
+                meta = {k: v for k, v in meta.items() if k in ("model", "prompt")}
             try:
-                created = await self.jobs.create.remote(first.request_id)
+                created = await self.jobs.create.remote(first.request_id, meta)
             except BaseException:
                 await flow.aclose()
                 raise
             task = asyncio.ensure_future(self._run_video(first.request_id, flow))
-            self._video_tasks.add(task)
-            task.add_done_callback(self._video_tasks.discard)
+            self._video_tasks[first.request_id] = task
+            task.add_done_callback(lambda _: self._video_tasks.pop(first.request_id, None))
             return JSONResponse(created, status_code=200)
-        return await self._http_errors(request, work)
+        return await self._http_errors(request, work, admit=True)
 
     async def _run_video(self, video_id: str, flow: AsyncIterator[flows.Event]) -> None:
-        """Runs in the replica that took the job; every state change goes to the shared store."""
+        """Runs in the replica that took the job; every state change goes to the shared store. A
+        job deleted meanwhile (``progress`` answers False) is cancelled."""
         progress = -1
         try:
             async for event in flow:
@@ -449,30 +549,64 @@ class IngressDeployment:
                     value = int(100 * event.step / max(event.total, 1) * 0.95)
                     if value != progress:
                         progress = value
-                        self.jobs.progress.remote(video_id, value)
+                        if not await self.jobs.progress.remote(video_id, value):
+                            await flow.aclose()
+                            return
                 elif isinstance(event, flows.Result):
                     media = event.media
-                    meta = {"model": event.model, "seed": event.seed, "width": media.width, "height": media.height,
-                            "frames": media.frames, "fps": media.fps, "mime_type": media.mime_type,
-                            "timings": event.timings, "retries": event.retries}
+                    meta = {**video_model_fields(model=event.model, width=media.width, height=media.height,
+                                                 frames=media.frames, fps=media.fps or 16,
+                                                 prompt=None),
+                            "seed": event.seed, "mime_type": media.mime_type, "timings": event.timings,
+                            "retries": event.retries}
+                    meta.pop("prompt")
                     await self.jobs.finish.remote(video_id, meta, media.data, media.mime_type)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # noqa: BLE001
             error = classify(exc, video_id)
-            await self.jobs.fail.remote(video_id, {"message": error.message, "type": error.kind})
+            await self.jobs.fail.remote(video_id, {"message": error.message, "type": error.kind,
+                                                   "code": ERROR_CODES.get(error.http_status, error.kind)})
 
     async def get_video(self, video_id: str, request: Request):
         async def work():
             video = await self.jobs.get.remote(video_id)
             if video is None:
-                return _error_json(404, "video not found", "not_found_error", "video_id")
+                return _error_json(404, "video not found", "invalid_request_error", "video_id")
             return JSONResponse(video)
         return await self._http_errors(request, work)
 
-    async def get_video_content(self, video_id: str, request: Request):
+    async def list_videos(self, request: Request, after: str | None = None, limit: int = 20,
+                          order: str = "desc"):
         async def work():
+            if not 1 <= limit <= 100:
+                raise InvalidArgument("limit", f"must be in [1, 100], got {limit}")
+            if order not in ("asc", "desc"):
+                raise InvalidArgument("order", f"must be asc or desc, got {order!r}")
+            return JSONResponse(await self.jobs.list.remote(after, limit, order))
+        return await self._http_errors(request, work)
+
+    async def delete_video(self, video_id: str, request: Request):
+        """Deletes a job in any state; a running one is cancelled (here, or by its own replica at
+        its next progress report)."""
+        async def work():
+            if not await self.jobs.delete.remote(video_id):
+                return _error_json(404, "video not found", "invalid_request_error", "video_id")
+            task = self._video_tasks.get(video_id)
+            if task is not None:
+                task.cancel()
+            return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
+        return await self._http_errors(request, work)
+
+    async def get_video_content(self, video_id: str, request: Request, variant: str = "video"):
+        async def work():
+            if variant in ("thumbnail", "spritesheet"):
+                raise Refused("variant", f"{variant} is not produced; variant=video is the only one")
+            if variant != "video":
+                raise Refused("variant", f"unknown variant {variant!r}; use video", "invalid_value")
             found = await self.jobs.content.remote(video_id)
             if found is None:
-                return _error_json(404, "video not found", "not_found_error", "video_id")
+                return _error_json(404, "video not found", "invalid_request_error", "video_id")
             status, data, mime_type = found
             if data is None:
                 return _error_json(409, f"video is {status}", "invalid_request_error", "video_id")
@@ -481,10 +615,19 @@ class IngressDeployment:
 
     async def list_models(self, request: Request):
         async def work():
-            return JSONResponse({"object": "list", "data": [
-                {"id": stages.model_name, "object": "model", "family": family}
-                for family, stages in self.stages.items()]})
+            return JSONResponse({"object": "list", "data": [m.describe() for m in self.router.models.values()]})
         return await self._http_errors(request, work)
+
+
+def _http_error(exc: BaseException) -> JSONResponse:
+    """Any failure as OpenAI's error shape; OpenAI's own refusals keep their status (400, 404)."""
+    error = classify(exc, _serve_request_id())
+    cause = root_cause(exc)
+    field_name = getattr(cause, "field", None)
+    status = getattr(cause, "http_status", error.http_status) if isinstance(cause, InvalidArgument) else \
+        error.http_status
+    return _error_json(status, http_message(error.message), error.kind,
+                       http_field(field_name) if field_name else None, getattr(cause, "code", None))
 
 
 class UnknownService(Exception):
@@ -519,32 +662,75 @@ async def _read_upload(field_name: str, upload: Any, limit: int) -> bytes:
     return data
 
 
-async def _sse_events(first: flows.Event, rest: AsyncIterator[flows.Event]) -> AsyncIterator[str]:
-    yield sse(event_json(first), "progress")
+async def _image_sse(first: flows.Event, rest: AsyncIterator[flows.Event], body: ImageGenerationBody, *,
+                     edit: bool) -> AsyncIterator[str]:
+    """OpenAI's image stream: ``*.partial_image`` events (``partial_images`` per image), one
+    ``*.completed`` per image; with ``progress_events`` also Mammoth's queued / planning /
+    denoise_step / decoding events. A failure after the start is an ``error`` event."""
+    partials: dict[int, int] = {}
+    size = body.size if body.size and body.size != "auto" else "auto"
+
+    def render(event: flows.Event) -> str | None:
+        if isinstance(event, flows.Result):
+            payload = completed_event(event, body, edit=edit)
+            return sse(payload, payload["type"])
+        if isinstance(event, flows.Step) and event.preview_png is not None and body.partial_images:
+            index = partials[event.index] = partials.get(event.index, -1) + 1
+            payload = partial_image_event(event, body, index, edit=edit, size=size)
+            return sse(payload, payload["type"])
+        return sse(event_json(event), "progress") if body.progress_events else None
+
     try:
+        for event in (first,):
+            if (line := render(event)) is not None:
+                yield line
         async for event in rest:
-            kind = "completed" if isinstance(event, flows.Result) else "progress"
-            yield sse(event_json(event), kind)
+            if (line := render(event)) is not None:
+                yield line
     except Exception as exc:  # noqa: BLE001 - a stream that already started reports errors in-band
         error = classify(exc, first.request_id)
-        yield sse({"type": "error", "error": {"message": error.message, "type": error.kind}}, "error")
+        yield sse({"type": "error", "error": {"message": error.message, "type": error.kind,
+                                              "code": ERROR_CODES.get(error.http_status), "param": None}}, "error")
 
 
-async def _chat_sse(request_id: str, created: int, model: str, first: str,
-                    rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+async def _chat_sse(request_id: str, created: int, model: str, first: tuple[int, str] | None,
+                    rest: AsyncIterator[tuple[int, str]], dones: list[list[UnderstandDone]],
+                    include_usage: bool) -> AsyncIterator[str]:
+    """Chunks of ``n`` choices as they come (the first of each carries the role), a closing chunk
+    per choice with its finish reason, then (``stream_options.include_usage``) the usage chunk."""
+    started: set[int] = set()
 
-    yield chunk({"role": "assistant", "content": first})
+    def chunk(index: int, delta: str) -> str:
+        out: dict[str, Any] = {"content": delta}
+        if index not in started:
+            started.add(index)
+            out["role"] = "assistant"
+        return chat_chunk(request_id, created, model, [{"index": index, "delta": out, "finish_reason": None}])
+
     try:
-        async for delta in rest:
-            yield chunk({"content": delta})
-        yield chunk({}, "stop")
+        if first is not None:
+            yield chunk(*first)
+        async for index, delta in rest:
+            yield chunk(index, delta)
+        for index, done in enumerate(dones):
+            reason = done[-1].finish_reason if done else "stop"
+            delta = {} if index in started else {"role": "assistant", "content": ""}
+            yield chat_chunk(request_id, created, model, [{"index": index, "delta": delta, "finish_reason": reason}])
+        if include_usage:
+            yield chat_chunk(request_id, created, model, [], chat_usage([d[-1] for d in dones if d]))
     except Exception as exc:  # noqa: BLE001
         error = classify(exc, request_id)
-        yield sse({"error": {"message": error.message, "type": error.kind}})
+        yield sse({"error": {"message": error.message, "type": error.kind,
+                             "code": ERROR_CODES.get(error.http_status), "param": None}})
     yield sse("[DONE]")
+
+
+async def _release_after(body: AsyncIterator[Any], slot: contextlib.AsyncExitStack) -> AsyncIterator[Any]:
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        await slot.aclose()
 
 
 async def _json(request: Request) -> Any:
@@ -562,6 +748,7 @@ def _event_proto(event: flows.Event) -> generation_pb2.GenerationEvent:
         out.planning.planned_tokens = event.planned_tokens
     elif isinstance(event, flows.Step):
         out.denoise_step.step, out.denoise_step.total = event.step, event.total
+        out.denoise_step.index = event.index
         if event.preview_png is not None:
             out.denoise_step.preview.CopyFrom(common_pb2.Media(data=event.preview_png, mime_type="image/png"))
     elif isinstance(event, flows.Decoding):
@@ -573,6 +760,7 @@ def _event_proto(event: flows.Event) -> generation_pb2.GenerationEvent:
         result.width, result.height, result.frames, result.fps = media.width, media.height, media.frames, media.fps
         result.seed, result.model, result.steps = event.seed, event.model, event.steps
         result.planned_tokens = event.planned_tokens
+        result.index = event.index
         result.timings.CopyFrom(timings_proto(event.timings))
     return out
 
