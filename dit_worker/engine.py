@@ -1,4 +1,4 @@
-"""The batched DiT engine: several requests with the same latent shape denoise together.
+"""The batched DiT engine: several requests denoise together, of one or of mixed latent sizes.
 
 Per request, once: validation, the guidance chain, the model's timestep-independent
 ``prepare`` (condition encoders, refiners, reference tokens), the seeded initial noise and its
@@ -8,11 +8,22 @@ scheduler. Requests may have different step counts or schedules; a finished or a
 leaves the batch (and is handed over at once), and a new request of the same latent shape may
 join at any step boundary (continuous batching). Noise comes from a per-request CPU generator,
 so a request gives the same output alone or in any batch.
+
+Mixed sizes (``mixed_shapes``): requests of different latent sizes share the batch. A model with
+``supports_packing`` (the image DiT) steps them in one forward, image tokens padded to the
+longest row and masked, per-row RoPE; others (the video DiT) get one forward per latent shape
+within the same step. Forwards are cut request-aligned under ``max_batch_rows``, a padded token
+budget ``max_batch_tokens`` (rows x longest row) and ``max_padding``, largest requests first, so
+a small request steps at every step of a big batch instead of waiting for it to end.
+
+Step cache (``dit_worker.step_cache``): per request, off unless its ``step_cache.threshold`` > 0;
+the result reports computed vs cached steps.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +42,7 @@ from .models.attention import set_attention_backend
 from .models.compilation import compile_repeated_blocks
 from .requests import ImageDenoiseRequest, VideoDenoiseRequest
 from .sampling import FlowMatchSampler
+from .step_cache import ForwardCache, RequestCache
 
 DenoiseRequest = ImageDenoiseRequest | VideoDenoiseRequest
 
@@ -55,6 +67,11 @@ class DiTEngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_batch_rows: int = 16  # rows (request x CFG branch) per forward; larger cohorts are chunked
+    max_batch_tokens: int = 65536  # padded tokens (rows x longest row) per forward; 0: no limit
+    mixed_shapes: bool = True  # requests of different latent sizes batch together
+    # packed forwards: the largest share of a row that may be padding; a shorter row gets its own
+    # forward in the same step (on CPU padding costs what it pads; 1.0: pack every size)
+    max_padding: float = 0.5
     max_latent_tokens: int = 131072  # latent h*w (x frames) a single request may ask for
     max_ref_images: int = 5
     attention_backend: str = "native"  # diffusers attention backend name (models.attention)
@@ -68,6 +85,8 @@ class DenoiseOutput:
     steps: int
     seconds: float
     forward_rows: int  # model rows this request cost (steps x active branches)
+    computed_steps: int = 0  # steps whose transformer blocks ran (step cache)
+    cached_steps: int = 0  # steps that reused the cached residual
 
 
 @dataclass
@@ -78,6 +97,10 @@ class _Active:
     latents: torch.Tensor
     branches: list[Any]  # the chain's conditions on the engine's device
     row_offset: int
+    cache: RequestCache
+    shape: tuple[int, ...]
+    tokens: int = 0  # generated (patch) tokens of one row
+    prefix_lens: list[int] = field(default_factory=list)  # condition tokens of each branch's row
     started: float = field(default_factory=time.perf_counter)
     forward_rows: int = 0
 
@@ -153,7 +176,8 @@ class DiTEngine:
                  max_requests: int | None = None) -> list[DenoiseOutput | RequestAborted]:
         """Denoise ``requests`` together; aborted ones come back as ``RequestAborted``.
 
-        Continuous batching: with ``admit``, requests of the same latent shape join at step
+        Continuous batching: with ``admit``, requests (of the batch's latent shape unless
+        ``mixed_shapes``) join at step
         boundaries (up to ``max_requests`` at once) instead of waiting for the batch to end;
         ``on_done`` hands each result over the moment it is ready. Returns every result, the
         joined requests' after the first ones, in admission order."""
@@ -162,9 +186,9 @@ class DiTEngine:
         for request in requests:
             self.validate(request)
         shapes = {self.family.latent_shape(r, self.latent_channels) for r in requests}
-        if len(shapes) != 1:
+        if len(shapes) != 1 and not self.config.mixed_shapes:
             raise ValueError(f"a batch needs one latent shape, got {sorted(shapes)}")
-        shape = shapes.pop()
+        shape = next(iter(shapes))
         capacity = max(max_requests or len(requests), len(requests))
         admitted = list(requests)
         active = self._admit(requests)
@@ -176,7 +200,8 @@ class DiTEngine:
                     joining = list(admit(capacity - len(active)))
                     for request in joining:
                         self.validate(request)
-                        if self.family.latent_shape(request, self.latent_channels) != shape:
+                        if not self.config.mixed_shapes and \
+                                self.family.latent_shape(request, self.latent_channels) != shape:
                             raise ValueError(f"a joining request must have the batch's latent shape {shape}")
                     if joining:
                         admitted.extend(joining)
@@ -201,9 +226,16 @@ class DiTEngine:
             generator = torch.Generator(device="cpu").manual_seed(request.sampling.seed)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
             latent_dtype = self.family.latent_dtype or self.dtype
+            patch = self._patch_volume()
             active.append(_Active(request, chain, self.family.sampler(request), noise.to(self.device, latent_dtype),
-                                  [self._to_device(b) for b in chain.branches], row_offset=0))
+                                  [self._to_device(b) for b in chain.branches], row_offset=0,
+                                  cache=RequestCache(request.sampling.step_cache), shape=shape,
+                                  tokens=max(1, math.prod(shape[1:]) // patch)))
         return active
+
+    def _patch_volume(self) -> int:
+        patch = getattr(self.model.config, "patch_size", 1)
+        return math.prod(patch) if isinstance(patch, list | tuple) else int(patch) ** 2
 
     @torch.inference_mode()
     def _prepare(self, active: list[_Active]) -> Any:
@@ -212,7 +244,11 @@ class DiTEngine:
         for item in active:
             item.row_offset = len(branches)
             branches.extend(item.branches)
-        return self.model.prepare(branches)
+        prepared = self.model.prepare(branches)
+        lens = _prefix_lengths(prepared)  # read back once per (re)prepare, not per step
+        for item in active:
+            item.prefix_lens = lens[item.row_offset:item.row_offset + len(item.branches)]
+        return prepared
 
     def _to_device(self, condition: Any) -> Any:
         """Move a condition dataclass's tensors (and lists of tensors) to the engine's device/dtype."""
@@ -235,44 +271,100 @@ class DiTEngine:
                 still.append(item)
         if not still:
             return []
-        rows: list[int] = []
-        latents: list[torch.Tensor] = []
-        timesteps: list[float] = []
         plan: list[tuple[_Active, list[int], list[float]]] = []
         for item in still:
             step, num_steps = item.sampler.step_index, item.sampler.num_steps
-            branch_ids = item.chain.active_branches(step, num_steps)
-            plan.append((item, branch_ids, item.chain.active_scales(step, num_steps)))
-            rows.extend(item.row_offset + b for b in branch_ids)
-            latents.extend([item.latents.to(self.dtype)] * len(branch_ids))  # model input; latents keep theirs
-            timesteps.extend([item.sampler.model_timestep()] * len(branch_ids))
-        outputs = self._forward(torch.stack(latents), torch.tensor(timesteps, dtype=torch.float32), prepared, rows)
-        cursor = 0
+            item.cache.begin_step(step, num_steps)
+            plan.append((item, item.chain.active_branches(step, num_steps), item.chain.active_scales(step, num_steps)))
+        outputs = self._forward_plan(plan, prepared)
         next_active: list[_Active] = []
         for item, branch_ids, scales in plan:
-            preds = list(outputs[cursor:cursor + len(branch_ids)])
-            cursor += len(branch_ids)
-            velocity = combine(preds, scales)
+            velocity = combine(outputs[id(item)], scales)
             item.latents = item.sampler.step(velocity, item.latents)
             item.forward_rows += len(branch_ids)
+            item.cache.end_step()
             if progress is not None:
                 progress(item.request.request_id, item.sampler.step_index, item.sampler.num_steps, item.latents)
             if item.sampler.done:
                 results[item.request.request_id] = DenoiseOutput(
                     item.request.request_id, item.latents, item.sampler.num_steps,
-                    time.perf_counter() - item.started, item.forward_rows)
+                    time.perf_counter() - item.started, item.forward_rows,
+                    computed_steps=item.cache.computed, cached_steps=item.cache.cached)
             else:
                 next_active.append(item)
         return next_active
 
-    def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor, prepared: Any, rows: list[int]) -> torch.Tensor:
+    def _chunks(self, plan: list[tuple[_Active, list[int], list[float]]]) -> list[list[tuple[_Active, list[int],
+                                                                                      list[float]]]]:
+        """Request-aligned forwards: one per latent shape unless the model packs sizes, each cut
+        under the row limit and the padded token budget, largest requests first."""
+        packs = self.config.mixed_shapes and getattr(self.model, "supports_packing", False)
+        groups: dict[Any, list] = {}
+        for entry in plan:
+            groups.setdefault(None if packs else entry[0].shape, []).append(entry)
+        rows_limit, token_limit = self.config.max_batch_rows, self.config.max_batch_tokens
+        chunks: list[list] = []
+        for entries in groups.values():
+            if packs and len({e[0].shape for e in entries}) > 1:
+                entries = sorted(entries, key=lambda e: -e[0].tokens)
+            chunk: list = []
+            rows = longest = most = 0  # most: the chunk's largest generated-token count
+            for entry in entries:
+                item, branch_ids, _ = entry
+                n = len(branch_ids)
+                length = item.tokens + max((item.prefix_lens[b] for b in branch_ids), default=0)
+                new_rows, new_longest = rows + n, max(longest, length)
+                over = new_rows > rows_limit or (token_limit and new_rows * new_longest > token_limit) \
+                    or item.tokens < (1.0 - self.config.max_padding) * most
+                if chunk and over:
+                    chunks.append(chunk)
+                    chunk, new_rows, new_longest, most = [], n, length, 0
+                chunk.append(entry)
+                rows, longest, most = new_rows, new_longest, max(most, item.tokens)
+            if chunk:
+                chunks.append(chunk)
+        return chunks
+
+    def _forward_plan(self, plan: list[tuple[_Active, list[int], list[float]]], prepared: Any) -> dict[int, list]:
+        """Every active branch's prediction, by request (``id(item)``), in branch order."""
+        can_cache = getattr(self.model, "supports_step_cache", False)
+        outputs: dict[int, list] = {}
+        for chunk in self._chunks(plan):
+            rows: list[int] = []
+            latents: list[torch.Tensor] = []
+            timesteps: list[float] = []
+            cache_rows = []
+            for item, branch_ids, _ in chunk:
+                rows.extend(item.row_offset + b for b in branch_ids)
+                latents.extend([item.latents.to(self.dtype)] * len(branch_ids))  # model input; latents keep theirs
+                timesteps.extend([item.sampler.model_timestep()] * len(branch_ids))
+                cache_rows.extend((item.cache, b) for b in branch_ids)
+            use_cache = can_cache and any(item.cache.params.enabled for item, _, _ in chunk)
+            uniform = len({item.shape for item, _, _ in chunk}) == 1
+            out = self._forward(torch.stack(latents) if uniform else latents,
+                                torch.tensor(timesteps, dtype=torch.float32), prepared, rows,
+                                ForwardCache(cache_rows) if use_cache else None)
+            cursor = 0
+            for item, branch_ids, _ in chunk:
+                outputs[id(item)] = list(out[cursor:cursor + len(branch_ids)])
+                cursor += len(branch_ids)
+        return outputs
+
+    def _forward(self, latents: torch.Tensor | list[torch.Tensor], timesteps: torch.Tensor, prepared: Any,
+                 rows: list[int], step_cache: ForwardCache | None = None) -> torch.Tensor | list[torch.Tensor]:
         timesteps = timesteps.to(self.device, torch.float32)  # bf16 would round 937.5 to 936
-        limit = self.config.max_batch_rows
-        if len(rows) <= limit and rows == list(range(prepared.batch_size)):
-            return self.model(latents, timesteps, prepared)  # every branch of every request, in order
-        chunks = []
-        for start in range(0, len(rows), limit):
-            chunk_rows = rows[start:start + limit]
-            chunk_prepared = prepared.select(chunk_rows)
-            chunks.append(self.model(latents[start:start + limit], timesteps[start:start + limit], chunk_prepared))
-        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        kwargs = {} if step_cache is None else {"step_cache": step_cache}
+        if rows != list(range(prepared.batch_size)):
+            prepared = prepared.select(rows)
+        return self.model(latents, timesteps, prepared, **kwargs)
+
+
+def _prefix_lengths(prepared: Any) -> list[int]:
+    """Condition tokens in front of each prepared row (host-side), for the token budget."""
+    lens = getattr(prepared, "extra_lens", None)
+    if lens is not None:
+        return list(lens)
+    mask = getattr(prepared, "prefix_mask", None)
+    if mask is not None:
+        return mask.sum(1).tolist()
+    return [0] * prepared.batch_size
