@@ -17,9 +17,21 @@ from .models import transformer_mammoth2, transformer_mammoth25
 from .models.transformer_mammoth2 import Mammoth2DiTConfig
 from .models.transformer_mammoth25 import Mammoth25DiTConfig
 
+
+def _preview(base: Mammoth2DiTConfig, **changes) -> Mammoth2DiTConfig:
+    """MammothModa2-Preview: the Mammoth2 image DiT conditioned by a Qwen2.5-VL planner, its
+    QFormer at the planner width (official ``gen_image_condition_refiner``)."""
+    return Mammoth2DiTConfig.from_dict({**base.to_dict(), **changes, "image_refiner_at_llm_width": True})
+
+
 _CONFIGS = {
     "tiny-mammoth2": Mammoth2DiTConfig.tiny,
     "mammoth2-dev": Mammoth2DiTConfig.dev,
+    # DiT narrower than the planner (64 vs 128), so the QFormer width and the caption
+    # projection after it are exercised.
+    "tiny-mammoth2-preview": lambda: _preview(Mammoth2DiTConfig.tiny(), hidden_size=64, num_attention_heads=2,
+                                              num_kv_heads=1, llm_hidden_size=128),
+    "mammoth2-preview": lambda: _preview(Mammoth2DiTConfig.dev(), llm_hidden_size=3584),  # Qwen2.5-VL-7B
     "tiny-mammoth25": Mammoth25DiTConfig.tiny,
     "mammoth25-6b-a1b": Mammoth25DiTConfig.a6b_a1b,
     "mammoth25-20b-a3b": Mammoth25DiTConfig.a20b_a3b,

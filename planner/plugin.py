@@ -1,8 +1,8 @@
-"""vLLM general plugin (entry point ``vllm.general_plugins: mammoth``): config + architecture."""
+"""vLLM general plugin (entry point ``vllm.general_plugins: mammoth``): configs + architectures."""
 
 from __future__ import annotations
 
-from .configuration import ARCHITECTURE, register_config
+from .configuration import ARCHITECTURES, register_config
 
 
 def register() -> None:
@@ -10,5 +10,7 @@ def register() -> None:
     register_config()
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "planner.model:Mammothmoda2Qwen3VLForConditionalGeneration")
+    supported = ModelRegistry.get_supported_archs()
+    for architecture, target in ARCHITECTURES.items():
+        if architecture not in supported:
+            ModelRegistry.register_model(architecture, target)

@@ -1,8 +1,9 @@
 """Planner presets: HF config dicts, parameter counts and random-weight checkpoints.
 
 ``stage_config(preset)`` is the ``config.json`` of the planner LLM, in the layout of the official
-``Mammothmoda2Qwen3VLConfig`` (architecture ``Mammothmoda2Qwen3VLForConditionalGeneration``), so
-the same directory loads in vLLM (through ``planner.plugin``) and in the official code.
+``Mammothmoda2Qwen3VLConfig`` (architecture ``Mammothmoda2Qwen3VLForConditionalGeneration``) or,
+for the Preview presets, ``Mammothmoda2Qwen2_5_VLConfig`` (Qwen2.5-VL backbone), so the same
+directory loads in vLLM (through ``planner.plugin``) and in the official code.
 ``vocab_size`` equals ``gen_vocab_start_index`` so that logit index == token id.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .configuration import ARCHITECTURE, MODEL_TYPE
+from .configuration import ARCHITECTURE, MODEL_TYPE, QWEN25_ARCHITECTURE, QWEN25_MODEL_TYPE
 from .tokens import CHAT_TEMPLATE, TokenLayout, write_tokenizer
 
 DEFAULT_CONDITION_LAYERS = [-2, -5, -8, -11, -14, -17]
@@ -82,19 +83,82 @@ _8B_VISION = dict(
     deepstack_visual_indexes=[8, 16, 24],
 )
 
+# MammothModa2-Preview: Qwen2.5-VL (q/k/v bias, sectioned M-RoPE, windowed ViT, patch 14).
+_TINY_TEXT_25 = dict(
+    vocab_size=152064,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=18,
+    num_attention_heads=4,  # head_dim 32 = hidden / heads (Qwen2 has no head_dim key)
+    num_key_value_heads=2,
+    hidden_act="silu",
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6]},
+    use_sliding_window=False,
+    tie_word_embeddings=False,
+)
+_TINY_VISION_25 = dict(
+    depth=2,
+    hidden_size=64,
+    hidden_act="silu",
+    intermediate_size=128,
+    num_heads=2,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    tokens_per_second=2,
+    window_size=56,
+    out_hidden_size=128,
+    fullatt_block_indexes=[1],
+)
+_7B_TEXT_25 = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    hidden_act="silu",
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    rope_scaling={"rope_type": "default", "mrope_section": [16, 24, 24]},
+    use_sliding_window=False,
+    tie_word_embeddings=False,
+)
+_7B_VISION_25 = dict(
+    depth=32,
+    hidden_size=1280,
+    hidden_act="silu",
+    intermediate_size=3420,
+    num_heads=16,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    tokens_per_second=2,
+    window_size=112,
+    out_hidden_size=3584,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
 
-def _config(text: dict, vision: dict, *, moe_type: str, gen: bool, **extra: Any) -> dict:
+
+def _config(text: dict, vision: dict, *, moe_type: str, gen: bool, qwen25: bool = False, **extra: Any) -> dict:
     gen_keys = {
         "extra_gen_vocab": gen,
         "gen_vocab_size": 32800,
         "gen_vocab_start_index": 152064,
         "moe_type": moe_type if gen else "none",
     }
+    model_type = QWEN25_MODEL_TYPE if qwen25 else MODEL_TYPE
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "text_config": {**copy.deepcopy(text), **gen_keys, "model_type": "mammothmoda2_qwen3_vl_text"},
-        "vision_config": {**copy.deepcopy(vision), "model_type": MODEL_TYPE},
+        "architectures": [QWEN25_ARCHITECTURE if qwen25 else ARCHITECTURE],
+        "model_type": model_type,
+        "text_config": {**copy.deepcopy(text), **gen_keys, "model_type": f"{model_type}_text"},
+        "vision_config": {**copy.deepcopy(vision), "model_type": model_type},
         "image_token_id": 151655,
         "video_token_id": 151656,
         "vision_start_token_id": 151652,
@@ -116,7 +180,14 @@ PRESETS: dict[str, dict] = {
     "mammoth2-dev": _config(_8B_TEXT, _8B_VISION, moe_type="ffn-14:36", gen=True),
     "mammoth25-6b-a1b": _config(_8B_TEXT, _8B_VISION, moe_type="none", gen=True),
     "mammoth25-20b-a3b": _config(_8B_TEXT, _8B_VISION, moe_type="none", gen=True),
+    # MammothModa2-Preview: gen experts from layer 2 on (tiny), from layer 14 on (real size:
+    # Qwen2.5-VL-7B has 28 layers; 14 FFN experts of 3x3584x18944 are its ~3B gen experts).
+    "tiny-mammoth2-preview": _config(_TINY_TEXT_25, _TINY_VISION_25, moe_type="ffn-2:18", gen=True, qwen25=True,
+                                     torch_dtype="float32", dtype="float32"),
+    "mammoth2-preview": _config(_7B_TEXT_25, _7B_VISION_25, moe_type="ffn-14:28", gen=True, qwen25=True),
 }
+# The official Preview code conditions the DiT on the planner's last (normed) hidden state.
+PREVIEW_CONDITION_LAYERS = [-1]
 # Planner-side settings of each preset that are not HF config keys.
 PLANNER_SETTINGS: dict[str, dict] = {
     "tiny-mammoth2": {"mode": "mammoth2", "condition_layers": DEFAULT_CONDITION_LAYERS},
@@ -124,6 +195,8 @@ PLANNER_SETTINGS: dict[str, dict] = {
     "mammoth2-dev": {"mode": "mammoth2", "condition_layers": DEFAULT_CONDITION_LAYERS},
     "mammoth25-6b-a1b": {"mode": "mammoth25", "prompt_max_length": 512},
     "mammoth25-20b-a3b": {"mode": "mammoth25", "prompt_max_length": 512},
+    "tiny-mammoth2-preview": {"mode": "mammoth2", "condition_layers": PREVIEW_CONDITION_LAYERS},
+    "mammoth2-preview": {"mode": "mammoth2", "condition_layers": PREVIEW_CONDITION_LAYERS},
 }
 
 
@@ -187,8 +260,8 @@ def write_random_checkpoint(preset: str, directory: str | Path, seed: int = 0) -
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
             t = torch.ones_like(p) + 0.1 * torch.randn(p.shape, generator=gen)
-        elif name.endswith(".bias"):
-            t = torch.zeros_like(p)
+        elif name.endswith(".bias") and not name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            t = torch.zeros_like(p)  # (Qwen2.5-VL's q/k/v biases are drawn: their loading is checked)
         else:
             t = 0.02 * torch.randn(p.shape, generator=gen)
             if "embed_tokens" in name or name.endswith("_head.weight"):
@@ -204,9 +277,10 @@ def write_random_checkpoint(preset: str, directory: str | Path, seed: int = 0) -
         json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2)
     )
     v = config["vision_config"]
+    qwen25 = config["model_type"] == QWEN25_MODEL_TYPE
     proc = {
         "image_processor_type": "Qwen2VLImageProcessorFast",
-        "processor_class": "Qwen3VLProcessor",
+        "processor_class": "Qwen2_5_VLProcessor" if qwen25 else "Qwen3VLProcessor",
         "patch_size": v["patch_size"],
         "temporal_patch_size": v["temporal_patch_size"],
         "merge_size": v["spatial_merge_size"],
@@ -216,8 +290,13 @@ def write_random_checkpoint(preset: str, directory: str | Path, seed: int = 0) -
         if preset.startswith("tiny")
         else {"shortest_edge": 65536, "longest_edge": 16777216},
     }
+    if qwen25:  # Qwen2.5-VL's processor: CLIP normalisation, 28-px merged patches
+        proc.update(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+        if not preset.startswith("tiny"):
+            proc["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}
     (directory / "preprocessor_config.json").write_text(json.dumps(proc, indent=2))
-    video = {**proc, "video_processor_type": "Qwen3VLVideoProcessor", "fps": 2, "do_sample_frames": True}
+    video = {**proc, "video_processor_type": "Qwen2VLVideoProcessor" if qwen25 else "Qwen3VLVideoProcessor",
+             "fps": 2, "do_sample_frames": True}
     video.pop("image_processor_type")
     (directory / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
     (directory / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))

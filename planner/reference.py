@@ -2,8 +2,10 @@
 
 Used to build random checkpoints, to count parameters on the meta device, to check vLLM's
 outputs in tests, and as the baseline in ``bench.planner``. Text-only prompts: with equal
-t/h/w positions Qwen3-VL's interleaved M-RoPE is plain 1-D RoPE, which is what this uses.
-The vision tower is transformers' ``Qwen3VLVisionModel`` (weights only; not run here).
+t/h/w positions M-RoPE (Qwen3-VL's interleaved one, Qwen2.5-VL's sectioned one) is plain 1-D
+RoPE, which is what this uses. Both backbones: Qwen3-VL (q/k RMSNorm, no q/k/v bias) and
+Qwen2.5-VL (MammothModa2-Preview: q/k/v bias, no q/k norm), chosen by the config's
+``model_type``. The vision tower is transformers' (weights only; not run here).
 """
 
 from __future__ import annotations
@@ -14,7 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import Mammothmoda2Qwen3VLVisionConfig, moe_layer_enabled
+from .configuration import (
+    QWEN25_MODEL_TYPE,
+    Mammothmoda2Qwen2_5_VLVisionConfig,
+    Mammothmoda2Qwen3VLVisionConfig,
+    moe_layer_enabled,
+)
+
+
+def is_qwen25(config: dict) -> bool:
+    """Whether a planner config is the Qwen2.5-VL backbone (else Qwen3-VL)."""
+    return config.get("model_type") == QWEN25_MODEL_TYPE
+
+
+def head_dim(cfg: dict) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
 class RMSNorm(nn.Module):
@@ -47,21 +63,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, qwen25: bool = False):
         super().__init__()
-        d, hd = cfg["hidden_size"], cfg["head_dim"]
+        d, hd = cfg["hidden_size"], head_dim(cfg)
         self.nh, self.nkv, self.hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], hd
-        self.q_proj = nn.Linear(d, self.nh * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.nkv * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.nkv * hd, bias=False)
+        self.q_proj = nn.Linear(d, self.nh * hd, bias=qwen25)
+        self.k_proj = nn.Linear(d, self.nkv * hd, bias=qwen25)
+        self.v_proj = nn.Linear(d, self.nkv * hd, bias=qwen25)
         self.o_proj = nn.Linear(self.nh * hd, d, bias=False)
-        self.q_norm = RMSNorm(hd, cfg["rms_norm_eps"])
-        self.k_norm = RMSNorm(hd, cfg["rms_norm_eps"])
+        self.q_norm = None if qwen25 else RMSNorm(hd, cfg["rms_norm_eps"])
+        self.k_norm = None if qwen25 else RMSNorm(hd, cfg["rms_norm_eps"])
 
     def forward(self, x, cos, sin, cache: list | None):
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.nh, self.hd)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.nkv, self.hd)).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.nh, self.hd)
+        k = self.k_proj(x).view(b, t, self.nkv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.nkv, self.hd).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -84,9 +103,9 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, idx: int):
+    def __init__(self, cfg: dict, idx: int, qwen25: bool = False):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, qwen25)
         self.mlp = MLP(cfg["hidden_size"], cfg["intermediate_size"])
         self.gen_mlp = (
             MLP(cfg["hidden_size"], cfg["intermediate_size"]) if moe_layer_enabled(cfg["moe_type"], idx) else None
@@ -104,23 +123,30 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, qwen25: bool = False):
         super().__init__()
         d = cfg["hidden_size"]
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], d)
         self.gen_embed_tokens = nn.Embedding(cfg["gen_vocab_size"], d)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, qwen25) for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(d, cfg["rms_norm_eps"])
 
 
 class Inner(nn.Module):
-    def __init__(self, cfg: dict, vision: dict | None):
+    def __init__(self, cfg: dict, vision: dict | None, qwen25: bool = False):
         super().__init__()
-        if vision is not None:
+        if vision is not None and qwen25:
+            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+                Qwen2_5_VisionTransformerPretrainedModel,
+            )
+
+            self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(
+                Mammothmoda2Qwen2_5_VLVisionConfig(**vision))
+        elif vision is not None:
             from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
             self.visual = Qwen3VLVisionModel._from_config(Mammothmoda2Qwen3VLVisionConfig(**vision))
-        self.language_model = TextModel(cfg)
+        self.language_model = TextModel(cfg, qwen25)
 
 
 @dataclass
@@ -139,12 +165,13 @@ class ReferencePlanner(nn.Module):
             cfg.setdefault(k, config.get(k))
         self.cfg = cfg
         self.start = int(cfg["gen_vocab_start_index"])
-        self.model = Inner(cfg, config.get("vision_config"))
+        qwen25 = is_qwen25(config)
+        self.model = Inner(cfg, config.get("vision_config"), qwen25)
         self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self.gen_head = nn.Linear(cfg["hidden_size"], cfg["gen_vocab_size"], bias=False)
         rope = cfg.get("rope_scaling") or {}
-        theta = float(cfg.get("rope_theta", rope.get("rope_theta", 5000000.0)))
-        hd = cfg["head_dim"]
+        theta = float(cfg.get("rope_theta", rope.get("rope_theta", 1000000.0 if qwen25 else 5000000.0)))
+        hd = head_dim(cfg)
         self.register_buffer(
             "inv_freq", 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd), persistent=False
         )

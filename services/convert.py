@@ -1,4 +1,4 @@
-"""``mammoth convert``: an official MammothModa2 / MammothModa2.5 checkpoint -> a model directory.
+"""``mammoth convert``: an official MammothModa2 (-Dev / -Preview) / MammothModa2.5 checkpoint -> a model directory.
 
 The official tensors are read lazily (safetensors headers first, then one tensor at a time,
 memory-mapped) and written into one HF-style folder per stage, in shards. Each stage package
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from dit_worker import official as dit_official
 from planner.configuration import official_planner_names, planner_config_from_official
+from planner.presets import DEFAULT_CONDITION_LAYERS, PREVIEW_CONDITION_LAYERS
 from planner.tokens import TokenLayout, write_tokenizer_from_official
 from vae_worker import official as vae_official
 from vae_worker.mammothtok import official as tok_official
@@ -35,7 +36,7 @@ from vae_worker.mammothtok import official as tok_official
 from .model_dir import FORMAT_VERSION, INDEX_NAME, ModelIndex, read_index
 from .presets import get_preset
 
-SOURCES = ("mammothmoda2", "mammothmoda25")
+SOURCES = ("mammothmoda2", "mammothmoda2-preview", "mammothmoda25")
 DEFAULT_SHARD_BYTES = 4 << 30
 
 # Official tensors that no served stage uses, by prefix, with the reason (reported in the index).
@@ -46,8 +47,13 @@ IGNORED: dict[str, dict[str, str]] = {
         # has no such child any more (its QFormer is gen_transformer.time_caption_embed.image_embedder).
         "gen_image_condition_refiner.": "not part of the official MammothModa2 model class",
     },
+    "mammothmoda2-preview": {},
     "mammothmoda25": {},
 }
+# MammothModa2-Preview keeps the DiT's QFormer beside the transformer, at the top level: that
+# official prefix -> where the DiT stage has it (under the DiT's own ``gen_transformer.``).
+PREVIEW_REFINER_PREFIXES = {"gen_image_condition_refiner.": dit_official.OFFICIAL_PREFIX
+                            + "time_caption_embed.image_embedder."}
 
 
 class ConvertError(ValueError):
@@ -181,12 +187,12 @@ def _copy_files(src: Path, dst: Path, names: tuple[str, ...], *, required: tuple
     return copied
 
 
-def _write_video_processor_config(planner_dir: Path) -> None:
-    """vLLM builds the Qwen3-VL processor with its video half: derive that config from the
+def _write_video_processor_config(planner_dir: Path, video_processor: str = "Qwen3VLVideoProcessor") -> None:
+    """vLLM builds the Qwen-VL processor with its video half: derive that config from the
     checkpoint's image processor config (same patch / merge sizes) when it ships none."""
     image = _read_json(planner_dir / "preprocessor_config.json")
     video = {k: v for k, v in image.items() if k != "image_processor_type"}
-    video.update(video_processor_type="Qwen3VLVideoProcessor", fps=2, do_sample_frames=True)
+    video.update(video_processor_type=video_processor, fps=2, do_sample_frames=True)
     _write_json(planner_dir / "video_preprocessor_config.json", video)
 
 
@@ -253,29 +259,74 @@ PLANNER_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "
                  "chat_template.jinja", "generation_config.json", "und_generation_config.json")
 
 
-def _convert_mammothmoda2(src: Path, dst: Path, shard_bytes: int, **_: Any) -> dict[str, Any]:
+def _official_mammothmoda2_config(src: Path, backbone: str) -> dict[str, Any]:
+    """The top-level official ``config.json``, checked to be of the named planner backbone."""
     config = _read_json(src / "config.json")
     for key in ("llm_config", "gen_dit_config", "gen_vae_config"):
         if not isinstance(config.get(key), dict):
             raise ConvertError(f"{src / 'config.json'}: missing '{key}' (is this a MammothModa2 checkpoint?)")
+    llm_type = str(config["llm_config"].get("model_type", ""))
+    if ("qwen2_5_vl" in llm_type) != (backbone == "qwen2_5_vl"):
+        want = "mammothmoda2-preview" if "qwen2_5_vl" in llm_type else "mammothmoda2"
+        raise ConvertError(f"{src / 'config.json'}: llm_config.model_type {llm_type!r} is not a {backbone} planner "
+                           f"(convert it with --from {want})")
+    return config
+
+
+def _preview_dit_names(dit_cfg: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """The DiT mapping of a Preview checkpoint: its top-level QFormer seen under the DiT's prefix."""
+    seen: dict[str, str] = {}  # name as the DiT table reads it -> the official name
+    for name in shapes:
+        view = name
+        for prefix, ours in PREVIEW_REFINER_PREFIXES.items():
+            if name.startswith(prefix):
+                view = ours + name[len(prefix):]
+        if view in seen:
+            raise ConvertError(f"official tensors '{seen[view]}' and '{name}' are the same DiT tensor")
+        seen[view] = name
+    try:
+        mapping = dit_official.map_names(dit_cfg, {view: shapes[name] for view, name in seen.items()})
+    except ValueError as exc:  # name the tensor as the checkpoint does
+        message = str(exc)
+        for prefix, ours in PREVIEW_REFINER_PREFIXES.items():
+            message = message.replace(ours, prefix)
+        raise ConvertError(message) from exc
+    return {ours: seen[view] for ours, view in mapping.items()}
+
+
+def _convert_mammothmoda2(src: Path, dst: Path, shard_bytes: int, *, preview: bool = False,
+                          **_: Any) -> dict[str, Any]:
+    """MammothModa2-Dev (Qwen3-VL planner, MammothTok) or -Preview (``preview``: Qwen2.5-VL
+    planner, the DiT's QFormer at the planner width beside it, no MammothTok)."""
+    source = "mammothmoda2-preview" if preview else "mammothmoda2"
+    config = _official_mammothmoda2_config(src, "qwen2_5_vl" if preview else "qwen3_vl")
     plan = Plan(TensorSource(src))
     shapes = plan.source.shapes
     dtype = config.get("torch_dtype")
 
-    planner_cfg = planner_config_from_official(config["llm_config"], gen_vocab=True, dtype=dtype)
-    planner_map = official_planner_names(list(shapes))
+    try:
+        planner_cfg = planner_config_from_official(config["llm_config"], gen_vocab=True, dtype=dtype)
+        planner_map = official_planner_names(list(shapes), qwen25_legacy=preview)
+    except ValueError as exc:
+        raise ConvertError(str(exc)) from exc
     check_mapping("planner", planner_map, planner_expected(planner_cfg), shapes)
     plan.route("planner", planner_map)
     try:
         dit_cfg = dit_official.mammoth2_config(config)
-        plan.route("dit", dit_official.map_names(dit_cfg, shapes))
+        if preview:
+            dit_cfg = type(dit_cfg).from_dict({**dit_cfg.to_dict(), "image_refiner_at_llm_width": True})
+            plan.route("dit", _preview_dit_names(dit_cfg, shapes))
+        else:
+            plan.route("dit", dit_official.map_names(dit_cfg, shapes))
         vae_cfg = vae_official.vae_config("mammothmoda2", config)
         plan.route("vae", vae_official.map_names("mammothmoda2", vae_cfg, shapes))
-        tok_cfg = tok_official.tokenizer_config(shapes)
-        plan.route("mammothtok", tok_official.map_names(tok_cfg, shapes))
+        tok_cfg = None
+        if not preview:
+            tok_cfg = tok_official.tokenizer_config(shapes)
+            plan.route("mammothtok", tok_official.map_names(tok_cfg, shapes))
     except ValueError as exc:
         raise ConvertError(str(exc)) from exc
-    plan.ignore(IGNORED["mammothmoda2"])
+    plan.ignore(IGNORED[source])
     plan.check_complete()
 
     planner_dir = dst / "planner"
@@ -283,11 +334,14 @@ def _convert_mammothmoda2(src: Path, dst: Path, shard_bytes: int, **_: Any) -> d
     _copy_files(src, planner_dir, ("t2i_generation_config.json",), required=("t2i_generation_config.json",))
     copied = _copy_files(src, planner_dir, PLANNER_FILES + ("mammothu_vision_tokens.txt",))
     if "preprocessor_config.json" in copied and "video_preprocessor_config.json" not in copied:
-        _write_video_processor_config(planner_dir)
+        _write_video_processor_config(planner_dir, "Qwen2VLVideoProcessor" if preview else "Qwen3VLVideoProcessor")
     layout = TokenLayout.from_checkpoint(planner_dir)  # ids from the checkpoint's own files
     write_tokenizer_from_official(src, planner_dir, layout)
-    settings = {"mode": "mammoth2", "condition_layers": list(config.get("gen_condition_layers")
-                                                             or [-2, -5, -8, -11, -14, -17])}
+    # The Preview code conditions on the last (normed) hidden state, the Dev code on the
+    # average of ``gen_condition_layers``.
+    layers = PREVIEW_CONDITION_LAYERS if preview else (config.get("gen_condition_layers")
+                                                       or DEFAULT_CONDITION_LAYERS)
+    settings = {"mode": "mammoth2", "condition_layers": list(layers)}
     _write_json(planner_dir / "planner_settings.json", settings)
     write_tensors(plan.source, plan.stages["planner"], planner_dir, "model", shard_bytes)
 
@@ -295,9 +349,10 @@ def _convert_mammothmoda2(src: Path, dst: Path, shard_bytes: int, **_: Any) -> d
     write_tensors(plan.source, plan.stages["dit"], dst / "dit", "diffusion_pytorch_model", shard_bytes)
     _write_json(dst / "vae" / "config.json", vae_cfg)
     write_tensors(plan.source, plan.stages["vae"], dst / "vae", "diffusion_pytorch_model", shard_bytes)
-    tok_dir = dst / "vae" / tok_official.SUBFOLDER
-    _write_json(tok_dir / "config.json", tok_cfg.to_dict())
-    write_tensors(plan.source, plan.stages["mammothtok"], tok_dir, "model", shard_bytes)
+    if tok_cfg is not None:
+        tok_dir = dst / "vae" / tok_official.SUBFOLDER
+        _write_json(tok_dir / "config.json", tok_cfg.to_dict())
+        write_tensors(plan.source, plan.stages["mammothtok"], tok_dir, "model", shard_bytes)
 
     gen = _read_json(planner_dir / "t2i_generation_config.json")
     vae_spatial = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
@@ -308,7 +363,8 @@ def _convert_mammothmoda2(src: Path, dst: Path, shard_bytes: int, **_: Any) -> d
         "visual_token_start_id": layout.visual_start_id, "num_visual_tokens": layout.num_visual_codes,
         "eol_token_id": layout.eol_id,
     }
-    return {"family": "mammoth2", "preset": "mammoth2-dev", "defaults": defaults, "plan": plan,
+    preset = get_preset("mammoth2-preview" if preview else "mammoth2-dev")
+    return {"family": preset.family, "preset": preset.name, "defaults": defaults, "plan": plan,
             "stages": {"planner": "planner", "dit": "dit", "vae": "vae"}}
 
 
@@ -392,8 +448,13 @@ def _convert_mammothmoda25(src: Path, dst: Path, shard_bytes: int,
             "stages": {"planner": "planner", "dit": "dit", "vae": "vae"}}
 
 
+def _convert_mammothmoda2_preview(src: Path, dst: Path, shard_bytes: int, **kw: Any) -> dict[str, Any]:
+    return _convert_mammothmoda2(src, dst, shard_bytes, preview=True, **kw)
+
+
 CONVERTERS: dict[str, Callable[..., dict[str, Any]]] = {
     "mammothmoda2": _convert_mammothmoda2,
+    "mammothmoda2-preview": _convert_mammothmoda2_preview,
     "mammothmoda25": _convert_mammothmoda25,
 }
 

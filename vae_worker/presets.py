@@ -106,6 +106,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-mammoth2": _TINY_MAMMOTH2,
     "tiny-mammoth25": _TINY_MAMMOTH25,
     "mammoth2-dev": _MAMMOTH2_DEV,
+    # MammothModa2-Preview pairs its DiT with the same 16-channel image VAE.
+    "tiny-mammoth2-preview": _TINY_MAMMOTH2,
+    "mammoth2-preview": _MAMMOTH2_DEV,
     "mammoth25-6b-a1b": _WAN22,
     "mammoth25-20b-a3b": _WAN22,
 }

@@ -41,6 +41,7 @@ Stage = Literal["planner", "dit", "vae"]
 BUILTIN = (
     "services.families.mammoth2",
     "services.families.mammoth25",
+    "services.families.mammoth2_preview",
 )
 
 

@@ -28,7 +28,6 @@ DIT2 = dict(patch_size=2, in_channels=16, hidden_size=128, num_layers=2, num_ref
             axes_dim_rope=[8, 12, 12], axes_lens=[1024, 256, 256], text_feat_dim=128, timestep_scale=1.0)
 QFORMER = {"num_queries": 8, "num_layers": 2}
 LLM_HIDDEN = 128
-FFN2 = 512  # Lumina FFN inner size for hidden 128, multiple_of 256
 GEN_DIT_T2I = {"visual_token_start_id": 152072, "visual_token_end_id": NUM_VISUAL_CODES, "eol_token_id": 152064,
                "image_start_token_id": 152069, "do_sample": True, "temperature": 0.9, "top_k": 2048, "top_p": 0.95}
 TOK_EMBED, TOK_MLP, TOK_BLOCKS, TOK_CODES = 64, 96, 2, 512
@@ -50,10 +49,35 @@ def _lumina_block(prefix: str, d: int, heads: int, kv: int, ffn: int, modulated:
     return names
 
 
-def official_dit2_shapes() -> dict[str, tuple[int, ...]]:
-    """``gen_transformer.*`` of an official MammothModa2 checkpoint for ``DIT2``."""
-    d, p, c = DIT2["hidden_size"], DIT2["patch_size"], DIT2["in_channels"]
-    heads, kv, t = DIT2["num_attention_heads"], DIT2["num_kv_heads"], min(d, 1024)
+def _lumina_ffn(d: int, multiple_of: int = 256) -> int:
+    """The official ``LuminaFeedForward`` inner size for ``inner_dim = 4 * d``."""
+    return multiple_of * ((4 * d + multiple_of - 1) // multiple_of)
+
+
+def _qformer_shapes(prefix: str, d: int, llm: int, num_queries: int, num_layers: int) -> dict:
+    """The official QFormer (``SimpleQFormerImageEmbedder`` / ``...Refiner``): inputs of width
+    ``llm`` projected to ``d``, learned queries of width ``d``."""
+    ffn = _lumina_ffn(d)
+    s = {f"{prefix}.query": (1, num_queries, d), f"{prefix}.input_proj.0.weight": (llm,),
+         f"{prefix}.input_proj.1.weight": (d, llm), f"{prefix}.input_proj.1.bias": (d,)}
+    for i in range(num_layers):
+        q = f"{prefix}.layers.{i}"
+        for attn in ("self_attn", "cross_attn"):
+            s.update({f"{q}.{attn}.in_proj_weight": (3 * d, d), f"{q}.{attn}.in_proj_bias": (3 * d,),
+                      f"{q}.{attn}.out_proj.weight": (d, d), f"{q}.{attn}.out_proj.bias": (d,)})
+        s.update({f"{q}.ln_q1.weight": (d,), f"{q}.ln_q2.weight": (d,), f"{q}.ln_ffn.weight": (d,),
+                  f"{q}.ffn.linear_1.weight": (ffn, d), f"{q}.ffn.linear_2.weight": (d, ffn),
+                  f"{q}.ffn.linear_3.weight": (ffn, d)})
+    return s
+
+
+def official_dit2_shapes(dit: dict | None = None, *, image_embedder: bool = True) -> dict[str, tuple[int, ...]]:
+    """``gen_transformer.*`` of an official MammothModa2 checkpoint for ``dit`` (``DIT2``); the
+    Preview's has no ``image_embedder`` (its QFormer sits beside the transformer)."""
+    dit = dit or DIT2
+    d, p, c = dit["hidden_size"], dit["patch_size"], dit["in_channels"]
+    heads, kv, t = dit["num_attention_heads"], dit["num_kv_heads"], min(d, 1024)
+    ffn = _lumina_ffn(d, dit["multiple_of"])
     s = {"x_embedder.weight": (d, p * p * c), "x_embedder.bias": (d,),
          "ref_image_patch_embedder.weight": (d, p * p * c), "ref_image_patch_embedder.bias": (d,),
          "image_index_embedding": (5, d),
@@ -65,27 +89,16 @@ def official_dit2_shapes() -> dict[str, tuple[int, ...]]:
          "time_caption_embed.caption_embedder.0.weight": (LLM_HIDDEN,),
          "time_caption_embed.caption_embedder.1.weight": (d, LLM_HIDDEN),
          "time_caption_embed.caption_embedder.1.bias": (d,),
-         # reinit_image_embedder: SimpleQFormerImageEmbedder
-         "time_caption_embed.image_embedder.query": (1, QFORMER["num_queries"], d),
-         "time_caption_embed.image_embedder.input_proj.0.weight": (LLM_HIDDEN,),
-         "time_caption_embed.image_embedder.input_proj.1.weight": (d, LLM_HIDDEN),
-         "time_caption_embed.image_embedder.input_proj.1.bias": (d,),
          "norm_out.linear_1.weight": (d, t), "norm_out.linear_1.bias": (d,),
          "norm_out.linear_2.weight": (p * p * c, d), "norm_out.linear_2.bias": (p * p * c,)}
-    for i in range(QFORMER["num_layers"]):
-        q = f"time_caption_embed.image_embedder.layers.{i}"
-        for attn in ("self_attn", "cross_attn"):
-            s.update({f"{q}.{attn}.in_proj_weight": (3 * d, d), f"{q}.{attn}.in_proj_bias": (3 * d,),
-                      f"{q}.{attn}.out_proj.weight": (d, d), f"{q}.{attn}.out_proj.bias": (d,)})
-        s.update({f"{q}.ln_q1.weight": (d,), f"{q}.ln_q2.weight": (d,), f"{q}.ln_ffn.weight": (d,),
-                  f"{q}.ffn.linear_1.weight": (FFN2, d), f"{q}.ffn.linear_2.weight": (d, FFN2),
-                  f"{q}.ffn.linear_3.weight": (FFN2, d)})
-    for group, n, modulated in (("noise_refiner", DIT2["num_refiner_layers"], True),
-                                ("ref_image_refiner", DIT2["num_refiner_layers"], True),
-                                ("context_refiner", DIT2["num_refiner_layers"], False),
-                                ("layers", DIT2["num_layers"], True)):
+    if image_embedder:  # reinit_image_embedder: SimpleQFormerImageEmbedder at the DiT width
+        s.update(_qformer_shapes("time_caption_embed.image_embedder", d, LLM_HIDDEN, **QFORMER))
+    for group, n, modulated in (("noise_refiner", dit["num_refiner_layers"], True),
+                                ("ref_image_refiner", dit["num_refiner_layers"], True),
+                                ("context_refiner", dit["num_refiner_layers"], False),
+                                ("layers", dit["num_layers"], True)):
         for i in range(n):
-            s.update(_lumina_block(f"{group}.{i}", d, heads, kv, FFN2, modulated))
+            s.update(_lumina_block(f"{group}.{i}", d, heads, kv, ffn, modulated))
     return {"gen_transformer." + k: v for k, v in s.items()}
 
 
@@ -156,6 +169,17 @@ def _save_sharded(tensors: dict[str, torch.Tensor], directory: Path, stem: str, 
     (directory / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def _write_official_tokenizer(directory: Path, gen_size: int, start: int) -> None:
+    """``MammothUTokenizer`` files and the T2I generation config (the same in -Dev and -Preview)."""
+    shutil.copyfile(_qwen_tiktoken_path(), directory / "mammothu.tiktoken")
+    lines = list(IMAGE_MARKERS) + [visual_token(i) for i in range(NUM_VISUAL_CODES)]
+    lines += [f"<|reserved visual {i}|>" for i in range(gen_size - 5 - len(lines))]
+    (directory / "mammothu_vision_tokens.txt").write_text("\n".join(lines) + "\n")
+    assert start + 5 + 3 == GEN_DIT_T2I["visual_token_start_id"]
+    (directory / "t2i_generation_config.json").write_text(json.dumps(GEN_DIT_T2I))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MammothUTokenizer"}))
+
+
 def write_official_mammothmoda2(directory: Path, *, extra: dict[str, tuple[int, ...]] | None = None,
                                 drop: tuple[str, ...] = (), seed: int = 0) -> dict[str, torch.Tensor]:
     """An official MammothModa2-Dev-layout folder; returns the tensors written."""
@@ -174,20 +198,95 @@ def write_official_mammothmoda2(directory: Path, *, extra: dict[str, tuple[int, 
         shapes.pop(name)
     tensors = _random(shapes, seed)
     _save_sharded(tensors, directory, "model", shards=3)
-    shutil.copyfile(_qwen_tiktoken_path(), directory / "mammothu.tiktoken")
-    gen_size, start = llm["gen_vocab_size"], llm["gen_vocab_start_index"]
-    lines = list(IMAGE_MARKERS) + [visual_token(i) for i in range(NUM_VISUAL_CODES)]
-    lines += [f"<|reserved visual {i}|>" for i in range(gen_size - 5 - len(lines))]
-    (directory / "mammothu_vision_tokens.txt").write_text("\n".join(lines) + "\n")
-    assert start + 5 + 3 == GEN_DIT_T2I["visual_token_start_id"]
-    (directory / "t2i_generation_config.json").write_text(json.dumps(GEN_DIT_T2I))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MammothUTokenizer"}))
+    _write_official_tokenizer(directory, llm["gen_vocab_size"], llm["gen_vocab_start_index"])
     vision = llm["vision_config"]  # the Qwen3-VL image processor of the checkpoint, tiny sizes
     (directory / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
         "patch_size": vision["patch_size"], "temporal_patch_size": vision["temporal_patch_size"],
         "merge_size": vision["spatial_merge_size"], "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
         "size": {"shortest_edge": 64 * 64, "longest_edge": 256 * 256}}))
+    return tensors
+
+
+# --------------------------------------------------------------------------- MammothModa2-Preview
+
+# The Preview's DiT is narrower than its planner here (64 vs 128), as in the tiny preset.
+DIT2P = {**DIT2, "hidden_size": 64, "num_attention_heads": 2, "num_kv_heads": 1}
+QWEN25_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                    "rope_scaling", "use_sliding_window", "tie_word_embeddings")
+
+
+def _qwen25_llm_config(flat: bool) -> dict:
+    """An official ``Mammothmoda2Qwen2_5_VLConfig`` dict for the tiny Preview planner: nested
+    (``text_config``, what the config class serialises) or flat (text keys at the top level,
+    which the official class also accepts)."""
+    config = copy.deepcopy(planner_stage_config("tiny-mammoth2-preview"))
+    config.pop("architectures", None)
+    if flat:
+        text = config.pop("text_config")
+        config.update({k: text[k] for k in QWEN25_TEXT_KEYS if k in text})
+    return config
+
+
+def official_qwen25_llm_shapes(config: dict, *, legacy: bool = False) -> dict[str, tuple[int, ...]]:
+    """``llm_model.*``: transformers' Qwen2.5-VL names plus the official generation parts
+    (``legacy``: the pre-4.52 names ``visual.*`` / ``model.*`` the official mapping converts)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {k: v for k, v in (config.get("text_config") or config).items() if k in QWEN25_TEXT_KEYS}
+    vision = {k: v for k, v in config["vision_config"].items() if k != "model_type"}
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    s = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    d, g, inter = text["hidden_size"], config["gen_vocab_size"], text["intermediate_size"]
+    s["model.language_model.gen_embed_tokens.weight"] = (g, d)
+    s["gen_head.weight"] = (g, d)
+    lo, hi = (int(x) for x in config["moe_type"].split("-")[1].split(":"))
+    for i in range(lo, min(hi, text["num_hidden_layers"])):
+        base = f"model.language_model.layers.{i}.gen_mlp"
+        s.update({f"{base}.gate_proj.weight": (inter, d), f"{base}.up_proj.weight": (inter, d),
+                  f"{base}.down_proj.weight": (d, inter)})
+    if legacy:
+        s = {("visual." + k[len("model.visual."):] if k.startswith("model.visual.") else
+              "model." + k[len("model.language_model."):] if k.startswith("model.language_model.") else k): v
+             for k, v in s.items()}
+    return {"llm_model." + k: v for k, v in s.items()}
+
+
+def official_preview_refiner_shapes() -> dict[str, tuple[int, ...]]:
+    """``gen_image_condition_refiner.*``: the Preview's ``SimpleQFormerImageRefiner``, at the
+    planner width (its ``hidden_size`` is the LLM's)."""
+    return _qformer_shapes("gen_image_condition_refiner", LLM_HIDDEN, LLM_HIDDEN, **QFORMER)
+
+
+def write_official_mammothmoda2_preview(directory: Path, *, flat_llm_config: bool = False,
+                                        legacy_names: bool = False, extra: dict | None = None,
+                                        drop: tuple[str, ...] = (), seed: int = 0) -> dict[str, torch.Tensor]:
+    """An official MammothModa2-Preview-layout folder (``qwen25vl`` branch); returns the tensors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    llm = _qwen25_llm_config(flat_llm_config)
+    vae = {k: v for k, v in vae_stage_config("tiny-mammoth2").items() if k != "_class_name"}
+    config = {"architectures": ["Mammothmoda2Model"], "model_type": "mammothmoda2", "torch_dtype": "float32",
+              "llm_config": llm, "gen_vae_config": {"_class_name": "AutoencoderKL", **vae},
+              "gen_dit_config": {"_class_name": "Transformer2DModel", **DIT2P},
+              "gen_image_condition_refiner_config": QFORMER, "gen_condition_mode": "text_image",
+              "gen_axes_dim_rope": [40, 40, 40]}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    shapes = {**official_qwen25_llm_shapes(llm, legacy=legacy_names),
+              **official_dit2_shapes(DIT2P, image_embedder=False), **official_preview_refiner_shapes(),
+              **_vae_shapes(vae_stage_config("tiny-mammoth2"), "gen_vae."), **(extra or {})}
+    for name in drop:
+        shapes.pop(name)
+    tensors = _random(shapes, seed)
+    _save_sharded(tensors, directory, "model", shards=3)
+    _write_official_tokenizer(directory, llm["gen_vocab_size"], llm["gen_vocab_start_index"])
+    vision = llm["vision_config"]  # the Qwen2.5-VL image processor of the checkpoint, tiny sizes
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "patch_size": vision["patch_size"], "temporal_patch_size": vision["temporal_patch_size"],
+        "merge_size": vision["spatial_merge_size"], "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "min_pixels": 56 * 56, "max_pixels": 256 * 256}))
     return tensors
 
 

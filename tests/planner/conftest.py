@@ -19,8 +19,8 @@ def tiny_planner_dir(tmp_path_factory):
     return write_random_checkpoint("tiny-mammoth2", tmp_path_factory.mktemp("tiny-planner"), seed=0)
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_planner_dir):
+def load_reference(model_dir):
+    """The pure-PyTorch reference planner with a checkpoint's weights (strict)."""
     import json
 
     import torch
@@ -28,11 +28,28 @@ def reference(tiny_planner_dir):
 
     from planner.reference import ReferencePlanner
 
-    cfg = json.loads((tiny_planner_dir / "config.json").read_text())
+    cfg = json.loads((model_dir / "config.json").read_text())
     model = ReferencePlanner(cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(tiny_planner_dir / "model.safetensors")), strict=False)
+    missing, unexpected = model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=False)
     assert not missing and not unexpected
     return model.eval().to(torch.float32)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_planner_dir):
+    return load_reference(tiny_planner_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_preview_dir(tmp_path_factory):
+    from planner.presets import write_random_checkpoint
+
+    return write_random_checkpoint("tiny-mammoth2-preview", tmp_path_factory.mktemp("tiny-preview"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def preview_reference(tiny_preview_dir):
+    return load_reference(tiny_preview_dir)
 
 
 class LoopThread:

@@ -8,7 +8,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from planner.configuration import ARCHITECTURE, Mammothmoda2Qwen3VLConfig, moe_layer_enabled
+from planner.configuration import (
+    ARCHITECTURE,
+    QWEN25_ARCHITECTURE,
+    Mammothmoda2Qwen2_5_VLConfig,
+    Mammothmoda2Qwen3VLConfig,
+    moe_layer_enabled,
+)
 from planner.presets import PRESETS, count_parameters, stage_config, write_random_checkpoint
 from planner.tokens import TokenLayout, visual_token
 
@@ -16,7 +22,7 @@ from planner.tokens import TokenLayout, visual_token
 def test_presets_have_official_keys():
     for name in PRESETS:
         cfg = stage_config(name)
-        assert cfg["architectures"] == [ARCHITECTURE]
+        assert cfg["architectures"] == [QWEN25_ARCHITECTURE if "preview" in name else ARCHITECTURE]
         for key in ("gen_vocab_size", "gen_vocab_start_index", "moe_type", "extra_gen_vocab"):
             assert key in cfg and key in cfg["text_config"]
         # logit index == token id
@@ -31,6 +37,22 @@ def test_config_class_reads_official_layout():
     cfg = Mammothmoda2Qwen3VLConfig(**stage_config("tiny-mammoth2"))
     assert cfg.text_config.gen_vocab_start_index == 152064
     assert cfg.text_config.rope_parameters["mrope_section"] == [6, 5, 5]
+
+
+def test_preview_config_class_reads_the_official_qwen25_layout():
+    cfg = Mammothmoda2Qwen2_5_VLConfig(**stage_config("tiny-mammoth2-preview"))
+    assert cfg.text_config.gen_vocab_start_index == 152064 and cfg.text_config.moe_type == "ffn-2:18"
+    assert cfg.text_config.rope_parameters["mrope_section"] == [4, 6, 6]
+    assert cfg.vision_config.patch_size == 14 and cfg.vision_config.fullatt_block_indexes == [1]
+    real = stage_config("mammoth2-preview")
+    assert real["text_config"]["hidden_size"] == 3584 and real["text_config"]["moe_type"] == "ffn-14:28"
+
+
+def test_preview_parameter_counts():
+    """Qwen2.5-VL-7B (~8.3B with its ViT) + FFN experts in layers 14..27 (~2.85B, the "3B")."""
+    counts = count_parameters("mammoth2-preview")
+    assert 7.0e9 < counts["active"] < 8.0e9
+    assert 2.5e9 < counts["total"] - counts["active"] - 0.7e9 - 0.24e9 < 3.2e9
 
 
 def test_moe_type_ranges():
