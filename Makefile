@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu
 
-.PHONY: install install-dev demo test lint protos clean
+.PHONY: install install-dev browser demo test lint protos clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+install-dev: $(VENV)/.installed-dev browser
+
+# Headless Chromium + chromedriver (Debian packages) for the playground's browser test.
+browser:
+	@sh scripts/install_browser.sh
 
 demo: install
 	$(VENV)/bin/mammoth demo --out out

@@ -13,6 +13,7 @@ import torch
 
 from .guidance import validate_cfg_range, validate_scale
 from .sampling import validate_schedule
+from .step_cache import StepCacheParams
 
 
 def _check_condition(name: str, tensor: torch.Tensor | None, *, required: bool) -> None:
@@ -32,9 +33,11 @@ class SamplingParams:
     seed: int = 0
     cfg_range: tuple[float, float] = (0.0, 1.0)
     sigmas: Sequence[float] | None = None  # explicit schedule (few-step / distilled checkpoints)
+    step_cache: StepCacheParams = field(default_factory=StepCacheParams)  # off unless threshold > 0
 
     def validate(self) -> None:
         validate_schedule(self.steps, self.sigmas)
+        self.step_cache.validate()
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be an integer in [0, 2**63), got {self.seed!r}")
         self.cfg_range = validate_cfg_range(self.cfg_range)

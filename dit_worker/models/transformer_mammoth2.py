@@ -33,6 +33,7 @@ from torch import nn
 from dit_worker.checkpoint import DataclassConfig
 from dit_worker.models.mammoth2_conditioning import QFormerImageEmbedder, TimeCaptionEmbed
 from dit_worker.models.mammoth2_layers import Mammoth2Block, OutputNorm, ffn_inner_dim, rope_cos_sin
+from dit_worker.step_cache import ForwardCache, select_rows
 
 MAX_REF_IMAGES = 5  # rows of ``image_index_embedding``
 OFFICIAL_PREFIX = "gen_transformer."  # where these weights sit in an official checkpoint
@@ -302,6 +303,8 @@ class Mammoth2Transformer(nn.Module):
     """MammothModa2 single-stream DiT (Lumina2 / OmniGen2 style) with its condition encoders."""
 
     _repeated_blocks = ("Mammoth2Block",)  # what ``compile_repeated_blocks`` compiles
+    supports_packing = True  # forward takes a list of differently sized latents
+    supports_step_cache = True
 
     def __init__(self, config: Mammoth2DiTConfig) -> None:
         super().__init__()
@@ -518,25 +521,54 @@ class Mammoth2Transformer(nn.Module):
 
     # ---------------------------------------------------------------------------------- forward
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prepared: Mammoth2Prepared) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor | list[torch.Tensor], timestep: torch.Tensor,
+                prepared: Mammoth2Prepared, step_cache: ForwardCache | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Velocity ``[B, C, H, W]`` for ``latents[B, C, H, W]`` at flow time ``timestep[B]``.
 
         Time runs from 0 (pure noise) to 1 (clean image), as in the official sampler
         (``x += (t_next - t) * v``). Like the official pipeline, ``timestep`` is rounded to the
         compute dtype before embedding. The output has the dtype of ``latents``.
+
+        Mixed sizes: ``latents`` may be a list of ``[C, H_i, W_i]`` (one per row); the image
+        tokens are then padded to the longest row, masked out of attention, given per-row RoPE,
+        and a list of per-row velocities comes back. ``step_cache`` (``dit_worker.step_cache``)
+        lets rows skip blocks 1.. when their step is cached.
         """
         device, dtype = self._device_dtype
-        b, _, h, w = latents.shape
+        p = self.config.patch_size
+        if isinstance(latents, list | tuple):
+            sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in latents]
+            out_dtype = latents[0].dtype
+            tokens = [self._patchify(x.to(device=device, dtype=dtype)) for x in latents]
+        else:
+            b_, _, h_, w_ = latents.shape
+            sizes = [(h_, w_)] * b_
+            out_dtype = latents.dtype
+            tokens = None
+        b = len(sizes)
         if b != prepared.batch_size:
             raise ValueError(f"latents batch {b} != prepared batch {prepared.batch_size}")
         timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(b).to(dtype)
         temb = self.time_caption_embed.time_embedding(timestep, dtype)
 
-        p = self.config.patch_size
-        img = self.x_embedder(self._patchify(latents.to(device=device, dtype=dtype)))
-        img_rope = self._image_rope(prepared.pe_shift, h // p, w // p)
+        lens = [(h // p) * (w // p) for h, w in sizes]
+        uniform = len(set(sizes)) == 1
+        if tokens is None:
+            img = self.x_embedder(self._patchify(latents.to(device=device, dtype=dtype)))
+        elif uniform:
+            img = self.x_embedder(torch.stack(tokens))
+        else:
+            n = max(lens)
+            img = self.x_embedder(torch.stack([_pad_dim1(t[None], n)[0] for t in tokens]))
+        if uniform:
+            h, w = sizes[0]
+            img_rope = self._image_rope(prepared.pe_shift, h // p, w // p)
+            img_valid, img_mask = None, None
+        else:
+            img_rope, img_valid = self._packed_image_rope(prepared.pe_shift, sizes, img.shape[1])
+            img_mask = _attention_mask(img_valid)
         for layer in self.noise_refiner:
-            img = layer(img, img_rope, None, temb)
+            img = layer(img, img_rope, img_mask, temb)
 
         prefix = prepared.prefix
         if prepared.num_ref_images:
@@ -555,11 +587,45 @@ class Mammoth2Transformer(nn.Module):
             torch.cat([prepared.prefix_cos, img_rope[0]], dim=1),
             torch.cat([prepared.prefix_sin, img_rope[1]], dim=1),
         )
-        mask = prepared.joint_key_mask(img.shape[1])
-        for layer in self.layers:
-            x = layer(x, rope, mask, temb)
+        if img_valid is None:
+            mask = prepared.joint_key_mask(img.shape[1])
+        else:
+            mask = _attention_mask(torch.cat([prepared.prefix_mask, img_valid], 1))
+        if step_cache is None or len(self.layers) < 2:
+            for layer in self.layers:
+                x = layer(x, rope, mask, temb)
+        else:
+            block_in = x
+            x = self.layers[0](x, rope, mask, temb)
+            first = x
+
+            def rest(rows: torch.Tensor | None) -> torch.Tensor:
+                hidden = first if rows is None else first.index_select(0, rows)
+                sub_rope = (select_rows(rope[0], rows), select_rows(rope[1], rows))
+                sub_mask, sub_temb = select_rows(mask, rows), select_rows(temb, rows)
+                for layer in self.layers[1:]:
+                    hidden = layer(hidden, sub_rope, sub_mask, sub_temb)
+                return hidden
+
+            x = step_cache.apply(block_in, first, n_prefix, lens, rest)
         out = self.norm_out(x[:, n_prefix:], temb)
-        return self._unpatchify(out, h, w).to(latents.dtype)
+        if tokens is None:
+            h, w = sizes[0]
+            return self._unpatchify(out, h, w).to(out_dtype)
+        return [self._unpatchify(out[i : i + 1, : lens[i]], h, w)[0].to(out_dtype)
+                for i, (h, w) in enumerate(sizes)]
+
+    def _packed_image_rope(self, pe_shift: torch.Tensor, sizes: list[tuple[int, int]],
+                           n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Per-row image RoPE padded to ``n`` tokens, and the ``[B, n]`` mask of real tokens."""
+        p = self.config.patch_size
+        cos_rows, sin_rows, valid = [], [], []
+        for i, (h, w) in enumerate(sizes):
+            cos, sin = self._image_rope(pe_shift[i : i + 1], h // p, w // p)
+            cos_rows.append(_pad_dim1(cos, n))
+            sin_rows.append(_pad_dim1(sin, n))
+            valid.append(torch.arange(n, device=pe_shift.device) < cos.shape[1])
+        return (torch.cat(cos_rows), torch.cat(sin_rows)), torch.stack(valid)
 
 
 def count_parameters(config: Mammoth2DiTConfig) -> dict[str, int]:

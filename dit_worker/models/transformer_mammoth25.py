@@ -45,6 +45,7 @@ from dit_worker.models.mammoth25_refiner import (
     VLMTokenRefiner,
 )
 from dit_worker.models.moe import MoELayer, expert_counts
+from dit_worker.step_cache import ForwardCache, select_rows
 
 BYT5_DIM = 1472  # ByT5 glyph encoder width (hard-coded in the official ``ByT5Mapper``)
 BYT5_MAPPED_DIM = 4096
@@ -302,6 +303,8 @@ class Mammoth25Transformer(nn.Module):
     """The MammothModa2.5 DiT with a batched ``prepare`` / ``forward`` split."""
 
     _repeated_blocks = ("Mammoth25Block",)  # what ``compile_repeated_blocks`` compiles
+    supports_packing = False  # one latent shape per forward (the engine groups rows by shape)
+    supports_step_cache = True
     # Kept in fp32 by ``.to(dtype)`` as the reference's ``_keep_in_fp32_modules`` does.
     _keep_in_fp32_modules = ("time_embedder", "scale_shift_table")
 
@@ -471,8 +474,10 @@ class Mammoth25Transformer(nn.Module):
             self._layout_cache[key] = (self._row_rope(prepared, grid, device), key_mask, valid)
         return self._layout_cache[key]
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prepared: Mammoth25Prepared) -> torch.Tensor:
-        """``latents [B, C, F, H, W]``, ``timestep [B]`` (sigma x 1000) -> velocity, same shape."""
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prepared: Mammoth25Prepared,
+                step_cache: ForwardCache | None = None) -> torch.Tensor:
+        """``latents [B, C, F, H, W]``, ``timestep [B]`` (sigma x 1000) -> velocity, same shape.
+        ``step_cache`` (``dit_worker.step_cache``) lets rows skip blocks 1.. on cached steps."""
         batch = latents.shape[0]
         if prepared.batch_size != batch or timestep.shape != (batch,):
             raise ValueError(f"batch mismatch: latents {batch}, timestep {tuple(timestep.shape)}, "
@@ -488,8 +493,25 @@ class Mammoth25Transformer(nn.Module):
         x = torch.cat([video, prepared.extra.to(dtype)], dim=1) if prepared.extra.shape[1] else video
         rope, key_mask, valid = self._row_layout(prepared, grid, n_video, device)
         temb, modulation = self.condition_embedder(timestep, dtype)
-        for block in self.blocks:
-            x = block(x, modulation, rope, key_mask, valid)
+        if step_cache is None or len(self.blocks) < 2:
+            for block in self.blocks:
+                x = block(x, modulation, rope, key_mask, valid)
+        else:
+            block_in = x
+            first = self.blocks[0](x, modulation, rope, key_mask, valid)
+
+            def rest(rows: torch.Tensor | None) -> torch.Tensor:
+                hidden, mod, sub_rope, sub_mask, sub_valid = first, modulation, rope, key_mask, valid
+                if rows is not None:
+                    hidden, mod = first.index_select(0, rows), modulation.index_select(0, rows)
+                    sub_rope = (select_rows(rope[0], rows), select_rows(rope[1], rows))
+                    sub_mask = select_rows(key_mask, rows)
+                    sub_valid = None if sub_mask is None else sub_mask.reshape(-1).nonzero().squeeze(1)
+                for block in self.blocks[1:]:
+                    hidden = block(hidden, mod, sub_rope, sub_mask, sub_valid)
+                return hidden
+
+            x = step_cache.apply(block_in, first, 0, [n_video] * batch, rest)
         x = x[:, :n_video]
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)

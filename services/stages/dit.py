@@ -1,9 +1,10 @@
 """DiT stage: a batching loop in front of the DiT engine.
 
 Requests arrive as async calls; a single worker task groups the queued ones that share a
-latent shape (waiting at most ``batch_wait_timeout_s`` for company), runs the engine on them in
-a thread, and streams each request's progress back to its caller. Requests of the running
-batch's shape that queue up meanwhile join it at the next step boundary (continuous batching),
+latent shape -- or any shapes when the engine takes mixed sizes (``mixed_shapes``) -- (waiting at
+most ``batch_wait_timeout_s`` for company), runs the engine on them in a thread, and streams each
+request's progress back to its caller. Requests that fit the running batch and queue up
+meanwhile join it at the next step boundary (continuous batching),
 and each result goes back the moment its request is done, not when the batch ends. Cancelling
 a caller aborts its request inside the running batch at the next step; the rest carries on.
 """
@@ -25,6 +26,7 @@ import torch
 
 from dit_worker.engine import DenoiseOutput, DiTEngine, DiTEngineConfig, RequestAborted
 from dit_worker.requests import ImageDenoiseRequest, SamplingParams, VideoDenoiseRequest
+from dit_worker.step_cache import StepCacheParams
 
 from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditions, PromptConditions
 from ..jobs import ImageJob, InvalidArgument, VideoJob
@@ -39,7 +41,7 @@ def _identity(array: np.ndarray) -> Any:
 @dataclass
 class _Pending:
     request: ImageDenoiseRequest | VideoDenoiseRequest
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None  # batch key (DiTStage._batch_key)
     events: asyncio.Queue
     preview: bool
     loop: asyncio.AbstractEventLoop
@@ -84,7 +86,7 @@ class DiTStage:
             negative=torch.from_numpy(np.asarray(conditions.negative)) if conditions.negative is not None else None,
             latent_height=job.latent_height, latent_width=job.latent_width, ref_latents=refs,
             text_guidance=job.text_guidance, image_guidance=job.image_guidance,
-            sampling=SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range, sigmas=job.sigmas),
+            sampling=_sampling(job),
         )
 
     def video_request(self, job: VideoJob, conditions: PromptConditions,
@@ -97,7 +99,7 @@ class DiTStage:
             negative=torch.from_numpy(np.asarray(negative)) if negative is not None else None,
             latent_frames=job.latent_frames, latent_height=job.latent_height, latent_width=job.latent_width,
             source_latents=latents, guidance=job.guidance, context_guidance=job.context_guidance,
-            sampling=SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range, sigmas=job.sigmas),
+            sampling=_sampling(job),
         )
 
     async def denoise(self, job: ImageJob | VideoJob, conditions: Any,
@@ -120,7 +122,7 @@ class DiTStage:
         except ValueError as exc:  # the engine's messages start with the field name
             field, _, message = str(exc).partition(": ")
             raise InvalidArgument(field, message or field) from None
-        shape = self.engine.family.latent_shape(request, self.engine.latent_channels)
+        shape = self._batch_key(request)
         upstream = {**getattr(conditions, "timings", {}), **(getattr(media, "timings", None) or {})}
         pending = _Pending(request, shape, asyncio.Queue(), job.preview, asyncio.get_running_loop(), upstream)
         self._ensure_worker()
@@ -141,6 +143,12 @@ class DiTStage:
                 self.engine.abort(request.request_id)
 
     # -- batching loop -----------------------------------------------------------------------
+    def _batch_key(self, request: ImageDenoiseRequest | VideoDenoiseRequest) -> tuple[int, ...] | None:
+        """What requests must share to batch: the latent shape, or nothing with mixed sizes."""
+        if getattr(self.engine.config, "mixed_shapes", False):
+            return None
+        return self.engine.family.latent_shape(request, self.engine.latent_channels)
+
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
@@ -197,7 +205,7 @@ class DiTStage:
         else:
             pending.events.put_nowait(self._done(result, pending))
 
-    def _admit_from_thread(self, loop: asyncio.AbstractEventLoop, shape: tuple[int, ...],
+    def _admit_from_thread(self, loop: asyncio.AbstractEventLoop, shape: tuple[int, ...] | None,
                            by_id: dict[str, _Pending], free: int) -> list[Any]:
         """Runs in the engine thread at each step boundary: queued requests of the running
         batch's shape join it now rather than after it ends."""
@@ -211,7 +219,7 @@ class DiTStage:
             by_id[pending.request.request_id] = pending
         return [p.request for p in joining]
 
-    async def _take_joining(self, shape: tuple[int, ...], free: int) -> list[_Pending]:
+    async def _take_joining(self, shape: tuple[int, ...] | None, free: int) -> list[_Pending]:
         joining: list[_Pending] = []
         keep: list[_Pending] = []
         for item in self._deferred:
@@ -236,7 +244,10 @@ class DiTStage:
     def _done(self, output: DenoiseOutput, pending: _Pending) -> DenoiseDone:
         array = np.ascontiguousarray(output.latents.float().cpu().numpy())
         timings = {**pending.upstream_timings, "dit": output.seconds,
-                   "dit_queue": max(0.0, time.perf_counter() - pending.enqueued - output.seconds)}
+                   "dit_queue": max(0.0, time.perf_counter() - pending.enqueued - output.seconds),
+                   # counts, not seconds: the step cache's computed vs cached steps
+                   "dit_steps_computed": float(output.computed_steps),
+                   "dit_steps_cached": float(output.cached_steps)}
         return DenoiseDone(self.publish(array), tuple(array.shape), output.steps, timings)
 
     def check_health(self) -> None:
@@ -254,3 +265,12 @@ class DiTStage:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+
+
+def _sampling(job: ImageJob | VideoJob) -> SamplingParams:
+    """The job's schedule and seed, and its step-cache knobs (absent on older jobs: off)."""
+    cache = StepCacheParams(threshold=float(getattr(job, "step_cache_threshold", 0.0) or 0.0),
+                            warmup=float(getattr(job, "step_cache_warmup", 0.1)),
+                            max_cached_steps=int(getattr(job, "step_cache_max_cached_steps", 3)))
+    return SamplingParams(steps=job.steps, seed=job.seed, cfg_range=job.cfg_range, sigmas=job.sigmas,
+                          step_cache=cache)

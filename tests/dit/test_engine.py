@@ -114,11 +114,15 @@ def test_bad_requests_are_rejected_naming_the_field(image_engine, field, change)
         image_engine.generate([request])
 
 
-def test_mixed_latent_shapes_are_refused(image_engine):
+def _one_shape_engine(engine: DiTEngine) -> DiTEngine:
+    return DiTEngine(engine.model, engine.family, DiTEngineConfig(mixed_shapes=False))
+
+
+def test_mixed_latent_shapes_are_refused_without_mixed_shapes(image_engine):
     a, b = _image_request("a", text_len=4, seed=1), _image_request("b", text_len=4, seed=2)
     b.latent_width = 10
     with pytest.raises(ValueError, match="latent shape"):
-        image_engine.generate([a, b])
+        _one_shape_engine(image_engine).generate([a, b])
 
 
 def _video_request(rid: str, *, seed: int, source: bool, context_guidance: float = 1.0) -> VideoDenoiseRequest:
@@ -154,11 +158,11 @@ def test_requests_join_a_running_batch_and_leave_it_as_soon_as_done(image_engine
         torch.testing.assert_close(batched.latents, image_engine.generate([request])[0].latents, atol=2e-5, rtol=1e-4)
 
 
-def test_a_joining_request_of_another_shape_is_refused(image_engine):
+def test_a_joining_request_of_another_shape_is_refused_without_mixed_shapes(image_engine):
     other = _image_request("big", text_len=3, seed=2)
     other.latent_height = 16
     with pytest.raises(ValueError, match="latent shape"):
-        image_engine.generate([_image_request("a", text_len=3, seed=1)], admit=lambda free: [other], max_requests=2)
+        _one_shape_engine(image_engine).generate([_image_request("a", text_len=3, seed=1)], admit=lambda free: [other], max_requests=2)
 
 
 def test_video_t2v_and_editing_batch_together(video_engine):

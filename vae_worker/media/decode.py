@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import tempfile
 import time
@@ -186,13 +187,19 @@ def _decode_ffmpeg_video(data: bytes, fmt: str, limits: MediaLimits, field: str)
         os.unlink(path)
 
 
+def _decoder_said(exc: BaseException) -> str:
+    """ffmpeg's first line, without the temporary file's path (clients never see our paths)."""
+    lines = str(exc).splitlines()
+    return re.sub(r"\S*/\S*", "<input>", lines[0] if lines else type(exc).__name__)[:200]
+
+
 def _read_ffmpeg_frames(gen: Any, limits: MediaLimits, field: str, deadline: float) -> tuple[np.ndarray, float]:
     try:
         meta = next(gen)
     except StopIteration as exc:
         raise CorruptMedia("no video stream", field=field) from exc
     except Exception as exc:  # imageio-ffmpeg raises IOError/RuntimeError/ValueError on unparsable input
-        raise CorruptMedia(f"unreadable video ({str(exc).splitlines()[0][:200]})", field=field) from exc
+        raise CorruptMedia(f"unreadable video ({_decoder_said(exc)})", field=field) from exc
     try:
         width, height = (int(v) for v in meta["size"])
         fps = float(meta.get("fps") or 0.0)
@@ -224,7 +231,7 @@ def _read_ffmpeg_frames(gen: Any, limits: MediaLimits, field: str, deadline: flo
                                     limit=limits.max_decoded_bytes)
             frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
     except RuntimeError as exc:
-        raise CorruptMedia(f"truncated or corrupt video ({str(exc).splitlines()[0][:200]})", field=field) from exc
+        raise CorruptMedia(f"truncated or corrupt video ({_decoder_said(exc)})", field=field) from exc
     if not frames:
         raise CorruptMedia("no decodable frames", field=field)
     if fps > 0 and len(frames) / fps > limits.max_duration_s:
