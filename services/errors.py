@@ -6,6 +6,15 @@ types raised for client mistakes), backpressure is RESOURCE_EXHAUSTED / 429, a s
 down or restarting (a dead replica, a lost object, a dead vLLM engine) is UNAVAILABLE / 503,
 a spent deadline is DEADLINE_EXCEEDED / 504. Anything else is INTERNAL / 500, logged with its
 trace under the request id the client also sees.
+
+Two answers never pass through here, because Serve's proxy gives them itself: a request beyond
+Serve's own queue bound (the ingress bounds generations first, ``services.apps.admission``, so
+callers get our 429 JSON / RESOURCE_EXHAUSTED), and a request whose ingress replica died while
+holding it (SIGKILL, OOM): Ray Serve 2.60's proxy maps that ``ActorDiedError`` to HTTP 500 with
+the body "Internal Server Error" and gRPC INTERNAL (``ray.serve._private.http_util.
+get_http_response_status`` / ``grpc_util.get_grpc_response_status``; ``BackpressureConfig`` covers
+only backpressure and no option changes this). The stage replicas' deaths are 503 / UNAVAILABLE
+(or retried) because the ingress catches them.
 """
 
 from __future__ import annotations
