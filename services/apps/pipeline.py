@@ -512,6 +512,9 @@ class IngressDeployment:
                 if is_image(source):
                     raise Refused(key, "image-to-video (a start frame) is not supported by the served model; "
                                   "upload a video to edit it")
+            elif key.startswith("input_reference["):  # the SDK's {"image_url"|"file_id"} reference, flattened
+                raise Refused("input_reference", "image-to-video (a start frame) is not supported by the served "
+                              "model; upload a video as input_reference to edit it")
             else:
                 data[key] = value
         return parse_body(VideoBody, data), source
@@ -691,6 +694,8 @@ async def _image_sse(first: flows.Event, rest: AsyncIterator[flows.Event], body:
         error = classify(exc, first.request_id)
         yield sse({"type": "error", "error": {"message": error.message, "type": error.kind,
                                               "code": ERROR_CODES.get(error.http_status), "param": None}}, "error")
+    finally:  # a client that went away cancels the generation now, not when the stream is collected
+        await rest.aclose()
 
 
 async def _chat_sse(request_id: str, created: int, model: str, first: tuple[int, str] | None,
@@ -722,6 +727,8 @@ async def _chat_sse(request_id: str, created: int, model: str, first: tuple[int,
         error = classify(exc, request_id)
         yield sse({"error": {"message": error.message, "type": error.kind,
                              "code": ERROR_CODES.get(error.http_status), "param": None}})
+    finally:  # a client that went away cancels the planner requests now
+        await rest.aclose()
     yield sse("[DONE]")
 
 
