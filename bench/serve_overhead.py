@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     from services.client import MammothClient
     from services.config import ServeConfig
     from services.deploy import serve_down, serve_up
-    from services.local import ensure_model, start_local_stages
+    from services.local import start_local_stages
+    from services.stage_setup import ensure_model
 
     cache = tempfile.mkdtemp(prefix="mammoth-bench-")
     cfg = ServeConfig.loads(f"models: {{image: {{preset: tiny-mammoth2, cache_dir: {cache}}}}}\n"

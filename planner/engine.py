@@ -6,9 +6,11 @@ files or a second LLM pass; every row read must have been written exactly once.
 
 AR-CFG runs the conditional and unconditional sequences as two requests in the same vLLM batch;
 the logits processor (``logits`` for Model Runner V1, ``logits_v2`` for V2, both on
-``guidance``) pairs them and samples once for both. Both are admitted during one short,
-bounded, cancel-safe scheduler pause so they start in the same step, and the engine never puts
-more sequences in flight than ``max_num_seqs`` so a pair is never cut by it. A pair that still
+``guidance``) pairs them and samples once for both. The engine core's scheduler
+(``scheduler.PairScheduler``) holds the first row of a pair until its partner arrives and queues
+both together, so they start in the same step while every other request keeps running (no
+engine-wide pause), and the engine never puts more sequences in flight than ``max_num_seqs``
+so a pair is never cut by it. A pair that still
 falls out of step (preemption, chunked prefill) stops at the first position it could not guide
 and is resubmitted with its guided prefix in both prompts (``max_cfg_repairs`` times), or fails
 with ``GuidanceError``; ``stats`` counts each.
@@ -40,6 +42,7 @@ from mammoth_common.dataclass_config import DataclassConfig
 
 from .presets import DEFAULT_CONDITION_LAYERS
 from .runtime import EXTRA_KEY, block_bytes, block_views
+from .sizing import SCHEDULER_CLS, kv_cache_bytes, mm_dummy_options
 from .tokens import TokenLayout
 
 logger = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ class PlannerConfig(DataclassConfig):
     mode: str = "mammoth2"  # "mammoth2" (planning) or "mammoth25" (prompt encoder only)
     dtype: str = "auto"
     max_model_len: int = 4096
-    max_num_seqs: int = 16
+    max_num_seqs: int = 32  # rows: 16 AR-CFG requests (two rows each) in one batch
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = True  # must stay True (EAGER_ONLY)
     # "v1": hidden-state export + grid-only logits; "v2" (vLLM's default on GPU): planning and
@@ -82,8 +85,8 @@ class PlannerConfig(DataclassConfig):
     enable_prefix_caching: bool = True  # capturing requests opt out per request
     block_size: int | None = None  # KV block size (None: vLLM's default)
     num_kv_blocks: int | None = None  # override the KV-cache block count (tests: force preemption)
-    # CPU
-    kv_cache_gib: float = 2.0  # VLLM_CPU_KVCACHE_SPACE
+    # CPU: the KV cache is allocated (and zeroed, so resident) at start: size it for the model
+    kv_cache_gib: float = 0.25  # -> kv_cache_memory_bytes (fractions allowed)
     cpu_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND ("auto", "0-3", "nobind")
     disable_multiprocessing: bool = True  # VLLM_ENABLE_V1_MULTIPROCESSING=0
     # GPU
@@ -102,6 +105,7 @@ class PlannerConfig(DataclassConfig):
     prompt_max_length: int = 512  # 2.5 prompt-encoder length (padding is the DiT's job)
     limit_images: int = 5
     limit_videos: int = 1
+    mm_processor_cache_gib: float = 0.25  # vLLM's processed-media LRU, held by frontend and core each
 
     def __post_init__(self) -> None:
         if not self.enforce_eager:
@@ -116,6 +120,9 @@ class PlannerConfig(DataclassConfig):
                 raise ValueError(f"{name} must be > 0")
 
     def engine_args(self) -> dict[str, Any]:
+        """vLLM engine arguments. The multi-modal warm-up and profiling inputs are bounded by the
+        checkpoint's own processor limits (``sizing.mm_dummy_options``)."""
+        limits = mm_dummy_options(self.model, {"image": self.limit_images, "video": self.limit_videos})
         args: dict[str, Any] = dict(
             model=self.model,
             dtype=engine_dtype(self.dtype, "cpu", "PlannerConfig.dtype") if self.device == "cpu" else self.dtype,
@@ -123,10 +130,12 @@ class PlannerConfig(DataclassConfig):
             max_num_seqs=self.max_num_seqs,
             enforce_eager=self.enforce_eager,
             enable_prefix_caching=self.enable_prefix_caching,
-            limit_mm_per_prompt={"image": self.limit_images, "video": self.limit_videos},
+            limit_mm_per_prompt=limits,
+            mm_processor_cache_gb=self.mm_processor_cache_gib,
             tensor_parallel_size=self.tensor_parallel_size,
             async_scheduling=False,
             disable_log_stats=True,
+            scheduler_cls=SCHEDULER_CLS,
         )
         # Whole prompts usually fit one step (pairs then start together); smaller budgets chunk
         # prefills, which the pair repair handles.
@@ -137,12 +146,15 @@ class PlannerConfig(DataclassConfig):
             args["num_gpu_blocks_override"] = self.num_kv_blocks
         if self.device != "cpu":
             args["gpu_memory_utilization"] = self.gpu_memory_utilization
+        else:
+            args["kv_cache_memory_bytes"] = kv_cache_bytes(self.kv_cache_gib)
         return args
 
     def apply_env(self) -> None:
         """vLLM reads these from the environment of the processes it starts."""
         if self.device == "cpu":
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
+            # The legacy whole-GiB variable would override kv_cache_memory_bytes (engine_args).
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
             if self.cpu_threads_bind:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_threads_bind
         if self.disable_multiprocessing:
@@ -299,7 +311,6 @@ class PlannerEngine:
         self.vllm_config = None
         self._ids = itertools.count()
         self._neg_cache: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
-        self._admit_lock = asyncio.Lock()
         self._slots = _SeqSlots(config.max_num_seqs)
         self._live_blocks: set[_SharedRows] = set()
         self.hidden_size = 0
@@ -531,7 +542,7 @@ class PlannerEngine:
                 else:
                     cond_prompt = {"prompt_token_ids": text_ids + guided}
                 uncond_prompt = {"prompt_token_ids": text_ids[-n_uncond:] + guided} if use_cfg else None
-                spec = {**base, "pair": self._new_id("plan"), "offset": len(guided)}
+                spec = {**base, "pair": self._new_id("plan"), "offset": len(guided), "rows": 2 if use_cfg else 1}
                 # A repair may read the rows an earlier attempt already exported from the
                 # prefix cache: the pair's prefills then shrink to about one block each and
                 # fit one step even under a small token budget (chunked prefill).
@@ -630,23 +641,18 @@ class PlannerEngine:
         return tokens.index(stop_id) if stop_id in tokens else None
 
     async def _admit(self, requests: list[tuple[str, Any, Any]]) -> list[Any]:
-        """Add the requests so they enter the same scheduler step: for a pair, inside a pause of
-        the scheduler that is bounded (``admission_timeout_s``) and always resumed, also when the
-        caller is cancelled mid-admission (then the requests already added are aborted)."""
+        """Add the requests; the engine core's ``PairScheduler`` queues the rows of a pair together
+        once both arrived (no scheduler pause). Bounded by ``admission_timeout_s``; on a timeout
+        or a cancel the rows already added are aborted by the caller (``_run_pair``)."""
         if len(requests) == 1:
             rid, prompt, params = requests[0]
             return [await self.llm.add_request(rid, prompt, params)]
-        async with self._admit_lock:
-            core = self.llm.engine_core
-            try:
-                async with asyncio.timeout(self.config.admission_timeout_s):
-                    await core.pause_scheduler_async(mode="keep", clear_cache=False)
-                    return [await self.llm.add_request(rid, prompt, params) for rid, prompt, params in requests]
-            except TimeoutError as exc:
-                await asyncio.shield(self.llm.abort([r[0] for r in requests]))
-                raise GuidanceError(f"admitting an AR-CFG pair took over {self.config.admission_timeout_s}s") from exc
-            finally:
-                await asyncio.shield(core.resume_scheduler_async())
+        try:
+            async with asyncio.timeout(self.config.admission_timeout_s):
+                return [await self.llm.add_request(rid, prompt, params) for rid, prompt, params in requests]
+        except TimeoutError as exc:
+            await asyncio.shield(self.llm.abort([r[0] for r in requests]))
+            raise GuidanceError(f"admitting an AR-CFG pair took over {self.config.admission_timeout_s}s") from exc
 
     def split_condition(self, seq: torch.Tensor, hidden: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Official masks: text = question tokens minus vision placeholders and gen tokens;
@@ -670,8 +676,11 @@ class PlannerEngine:
         return hidden
 
     # ------------------------------------------------------------------ understanding
-    async def understand(self, messages: list[dict], sampling: dict | None = None) -> AsyncIterator[str]:
-        """Chat with images / videos in, text deltas out (cancelling the iterator aborts)."""
+    async def understand(self, messages: list[dict], sampling: dict | None = None,
+                         info: dict | None = None) -> AsyncIterator[str]:
+        """Chat with images / videos in, text deltas out (cancelling the iterator aborts).
+        ``info``, when given, is filled at the end with ``prompt_tokens``, ``completion_tokens``
+        and ``finish_reason`` ("stop" or "length")."""
         from vllm.sampling_params import RequestOutputKind
 
         sampling = dict(sampling or {})
@@ -720,6 +729,12 @@ class PlannerEngine:
         async with _Slot(self._slots, 1):  # prefix caching stays on for understanding
             async for out in self.llm.generate(prompt, params, rid):
                 delta = out.outputs[0].text if out.outputs else ""
+                if info is not None:
+                    if out.prompt_token_ids:
+                        info["prompt_tokens"] = len(out.prompt_token_ids)
+                    if out.outputs:
+                        info["completion_tokens"] = info.get("completion_tokens", 0) + len(out.outputs[0].token_ids)
+                        info["finish_reason"] = out.outputs[0].finish_reason or info.get("finish_reason")
                 if delta:
                     yield delta
 

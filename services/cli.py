@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="an official checkpoint directory -> a model directory (strict)")
     p.add_argument("source", help="the official checkpoint directory (downloaded elsewhere)")
     p.add_argument("destination", help="the model directory to write")
-    p.add_argument("--from", required=True, choices=["mammothmoda2", "mammothmoda25"], help="the official format")
+    p.add_argument("--from", required=True, choices=["mammothmoda2", "mammothmoda2-preview", "mammothmoda25"],
+                   help="the official format")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--shard-gb", type=float, default=4.0, help="safetensors shard size")
     p.add_argument("--dit-overrides", help="JSON: moe / refiner / text_len for 2.5 checkpoints whose sizes "

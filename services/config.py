@@ -132,19 +132,21 @@ class _StageEngine(_Section):
 class PlannerEngine(_StageEngine):
     """vLLM engine arguments of the planner."""
 
-    kv_cache_gib: PositiveInt | None = 1  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes if set
+    # CPU: kv_cache_memory_bytes, zeroed (resident) at start, so sized for the model: 0.25 GiB holds
+    # ~29k tokens of the tiny fp32 planner (32 rows x ~900); GPU: kv_cache_memory_bytes if set
+    kv_cache_gib: PositiveFloat | None = 0.25
     gpu_memory_utilization: Fraction = 0.85  # GPU, when kv_cache_gib is None
     tensor_parallel_size: PositiveInt = 1
     enforce_eager: bool = True  # must stay true: the planner's forward cannot be compiled (refused below)
     max_model_len: PositiveInt = 4096
-    max_num_seqs: PositiveInt = 8
+    max_num_seqs: PositiveInt = 32  # rows in one batch: 16 AR-CFG requests (two rows each)
     multiprocessing: bool = False  # vLLM V1 engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING)
     # v1: hidden-state export (what the image pipeline needs); v2: Model Runner V2 (plans, no export)
     model_runner: Literal["v1", "v2"] = "v1"
     max_num_batched_tokens: PositiveInt | None = None  # None: max(8192, 2 * max_model_len)
     enable_prefix_caching: bool = True  # understanding / uncond rows; capturing requests opt out
     max_cfg_repairs: NonNegativeInt = 4  # resubmissions of an out-of-step AR-CFG pair before it fails
-    admission_timeout_s: PositiveFloat = 10.0  # bound on the scheduler pause that admits a CFG pair
+    admission_timeout_s: PositiveFloat = 10.0  # bound on adding both rows of a CFG pair to the engine
     negative_cache_size: NonNegativeInt = 64  # distinct negative prompts whose condition is kept (LRU)
     health_timeout_s: PositiveFloat = 10.0  # check_health: the engine core must answer within this
 
@@ -176,6 +178,9 @@ class DiTEngine(_StageEngine):
     """Batched DiT engine (``dit_worker.engine``)."""
 
     max_batch_rows: PositiveInt = 16  # request x CFG-branch rows per forward
+    max_batch_tokens: NonNegativeInt = 65536  # padded tokens (rows x longest row) per forward; 0: no limit
+    mixed_shapes: bool = True  # requests of different latent sizes batch together (image DiT: one packed forward)
+    max_padding: float = Field(0.5, ge=0.0, le=1.0)  # packed forward: largest padded share of a row
     batch_wait_timeout_s: NonNegativeFloat = 0.01  # how long a batch waits to fill
     parallel: DiTParallel = Field(default_factory=DiTParallel)
     # latent h*w (x frames) one request may ask for; 2.5's default 832x480x81 video is 32,760,
@@ -233,6 +238,7 @@ class RequestLimits(_Section):
     max_guidance: PositiveFloat = 50.0  # any guidance scale (DiT and planner)
     max_fps: PositiveInt = 120
     max_messages: PositiveInt = 64  # Understand chat turns
+    max_images: PositiveInt = 4  # images per prompt (OpenAI n, gRPC num_images)
     request_timeout_s: PositiveFloat = 600.0
 
 
@@ -259,6 +265,7 @@ class IngressSettings(DeploymentSettings):
     grpc_health: bool = True  # serve grpc.health.v1.Health through the proxy (the ingress answers it)
     grpc_reflection: bool = True
     expose_stages: bool = False  # also route gRPC/HTTP to the stage apps (callers then pick the app)
+    playground: bool = True  # the web playground at / (services.playground); off in the gpu default and k8s profiles
     limits: RequestLimits = Field(default_factory=RequestLimits)
     video_jobs: VideoJobSettings = Field(default_factory=VideoJobSettings)
     stage_retries: NonNegativeInt = 1  # a DiT/VAE (or not yet streaming planner) call whose replica died
@@ -267,6 +274,7 @@ class IngressSettings(DeploymentSettings):
     # task (text_to_image, image_edit, text_to_video, video_edit, understand) -> served model name
     # for requests without ``model``; unset tasks: the first model serving them (``models`` order)
     default_models: dict[Task, ModelName] = Field(default_factory=dict)
+    image_url_ttl_s: PositiveFloat = 3600.0  # response_format: url -- how long /v1/images/files/{id} serves it
 
     @model_validator(mode="after")
     def _ingress(self) -> Self:
@@ -468,6 +476,7 @@ class ServeConfig(_Section):
             vae=VAESettings(autoscaling=scale, max_ongoing_requests=8,
                             ray_actor_options=ActorOptions(num_cpus=1, num_gpus=0.5),
                             engine=VAEEngine(memory_budget_mb=8192)),
+            ingress=IngressSettings(playground=False),  # production: the API only
         )
 
     @classmethod

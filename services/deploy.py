@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import ServeConfig
-from .local import ensure_model
+from .stage_setup import ensure_model
 from .render import INGRESS_APP, render_serve_config
 
 logger = logging.getLogger("mammoth.deploy")

@@ -89,6 +89,9 @@ class ImageJob(_LatentSize):
     resize_policy: str = "resize"
     size_from_reference: bool = False
     sigmas: list[float] | None = None  # explicit schedule for few-step (distilled) checkpoints
+    step_cache_threshold: float = 0.0  # DiT step cache (dit_worker.step_cache); 0 = off
+    step_cache_warmup: float = 0.1
+    step_cache_max_cached_steps: int = 3
     spatial: int = 8  # VAE spatial compression
     multiple: int = 16  # sizes are multiples of this many pixels
 
@@ -120,6 +123,9 @@ class VideoJob(_LatentSize):
     size_from_source: bool = False
     frames_from_source: bool = False
     sigmas: list[float] | None = None
+    step_cache_threshold: float = 0.0  # DiT step cache (dit_worker.step_cache); 0 = off
+    step_cache_warmup: float = 0.1
+    step_cache_max_cached_steps: int = 3
     spatial: int = 8
     multiple: int = 16
 
@@ -241,6 +247,18 @@ def check_media(name: str, data: bytes, limit: int) -> bytes:
 # ----------------------------------------------------------------------------- builders
 
 
+def step_cache_knobs(msg: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The request's DiT step-cache knobs, else the model's defaults (``step_cache_*``), else off."""
+    return {
+        "step_cache_threshold": check_float("step_cache_threshold", _or(
+            msg, "step_cache_threshold", defaults.get("step_cache_threshold", 0.0)), 0.0, 10.0),
+        "step_cache_warmup": check_float("step_cache_warmup", _or(
+            msg, "step_cache_warmup", defaults.get("step_cache_warmup", 0.1)), 0.0, 1.0),
+        "step_cache_max_cached_steps": check_int("step_cache_max_cached_steps", _or(
+            msg, "step_cache_max_cached_steps", defaults.get("step_cache_max_cached_steps", 3)), 0, 1000),
+    }
+
+
 def image_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit: bool) -> ImageJob:
     """``GenerateImageRequest`` / ``EditImageRequest`` -> ``ImageJob``."""
     prompt = check_text("instruction" if edit else "prompt", msg.instruction if edit else msg.prompt, limits)
@@ -289,6 +307,7 @@ def image_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         resize_policy=_enum("resize_policy", msg.resize_policy, RESIZE_POLICIES) if edit else "resize",
         size_from_reference=from_reference,
         spatial=spatial, multiple=multiple,
+        **step_cache_knobs(msg, defaults),
     )
 
 
@@ -334,6 +353,7 @@ def video_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         size_from_source=edit and width is None,
         frames_from_source=frames_from_source,
         spatial=spatial, multiple=multiple,
+        **step_cache_knobs(msg, defaults),
     )
 
 

@@ -48,6 +48,11 @@ PRESETS: dict[str, Preset] = {
                "2B single-stream DiT, 16-ch VAE", dict(_IMAGE.defaults)),
         Preset("mammoth25-6b-a1b", _VIDEO.name, "MammothModa2.5 with the 6B-A1B MoE DiT", dict(_VIDEO.defaults)),
         Preset("mammoth25-20b-a3b", _VIDEO.name, "MammothModa2.5 with the 20B-A3B MoE DiT", dict(_VIDEO.defaults)),
+        Preset("tiny-mammoth2-preview", "mammoth2-preview", "CPU-sized MammothModa2-Preview (Qwen2.5-VL planner), "
+               "random weights", {**_IMAGE.defaults, "width": 256, "height": 256, "steps": 8, "text_guidance": 5.0,
+                                  "ar_height": 8, "ar_width": 8, "ar_cfg_scale": 3.0}, tiny=True),
+        Preset("mammoth2-preview", "mammoth2-preview", "MammothModa2-Preview: Qwen2.5-VL-7B planner with generation "
+               "experts, single-stream DiT, 16-ch VAE", dict(_IMAGE.defaults)),
     )
 }
 

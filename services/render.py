@@ -47,6 +47,9 @@ STAGE_APPS: dict[str, AppSpec] = {
 INGRESS_APP = AppSpec("mammoth", "services.apps.pipeline:app", "Ingress",
                       "protos.generation_pb2_grpc.add_GenerationServicer_to_server")
 # Routed to the ingress deployment like any user method: it must define Check (and Watch).
+# Ingress requests beyond its own generation bounds that Serve must still deliver: probes, health
+# watches, job and file reads (generations past the bounds get the ingress's 429, services.apps.admission).
+INGRESS_HEADROOM = 16
 HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 
 
@@ -86,6 +89,10 @@ def deployment_config(name: str, section: DeploymentSettings, *, shutdown_grace_
         out["num_replicas"] = section.fixed_replicas
     out["max_ongoing_requests"] = section.max_ongoing_requests
     out["max_queued_requests"] = section.max_queued_requests
+    if isinstance(section, IngressSettings):
+        # the ingress enforces its bounds itself (services.apps.admission: 429 JSON); Serve delivers
+        # its queue too, plus room for probes, health watches and job reads
+        out["max_ongoing_requests"] += max(section.max_queued_requests, 0) + INGRESS_HEADROOM
     out["ray_actor_options"] = _actor_options(section)
     if shutdown_grace_s is not None:
         out["graceful_shutdown_timeout_s"] = shutdown_grace_s
@@ -105,8 +112,11 @@ def stage_env_vars(cfg: ServeConfig, stage: str) -> dict[str, str]:
     if stage == "planner":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.planner.engine.multiprocessing else "0"
         if cfg.resolved_device("planner") == "cpu":
-            # vLLM on CPU otherwise sizes its KV cache from total RAM (~90%).
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.planner.engine.kv_cache_gib)
+            # vLLM on CPU otherwise sizes its KV cache from total RAM (~90%). It reads whole GiB
+            # only; the planner passes the exact size (a fraction too) as kv_cache_memory_bytes.
+            kv = float(cfg.planner.engine.kv_cache_gib or 0)
+            if kv.is_integer():
+                env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv))
     env.update(cfg.env_vars)
     env.update(section.env_vars)
     return dict(sorted(env.items()))

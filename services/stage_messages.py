@@ -36,6 +36,7 @@ from .jobs import (
     geometry,
     image_job,
     new_request_id,
+    step_cache_knobs,
 )
 from .media_formats import (
     DEFAULT_QUALITY,
@@ -220,6 +221,8 @@ def denoise_request(job: ImageJob | VideoJob) -> dit_pb2.DenoiseRequest:
     else:
         request.latent_frames = 1
         request.text_guidance, request.image_guidance = job.text_guidance, job.image_guidance
+    request.step_cache_threshold, request.step_cache_warmup = job.step_cache_threshold, job.step_cache_warmup
+    request.step_cache_max_cached_steps = job.step_cache_max_cached_steps
     return request
 
 
@@ -282,7 +285,8 @@ def image_denoise_job(request: dit_pb2.DenoiseRequest, defaults: dict[str, Any],
         seed=f.seed, text_guidance=_or(request, "text_guidance", defaults.get("text_guidance", 5.0)),
         image_guidance=_or(request, "image_guidance", defaults.get("image_guidance", 2.0)),
         cfg_range=f.cfg_range, ar_height=0, ar_width=0, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0,
-        ar_top_p=1.0, output=OutputSpec("png"), preview=request.preview, sigmas=list(request.sigmas) or None)
+        ar_top_p=1.0, output=OutputSpec("png"), preview=request.preview, sigmas=list(request.sigmas) or None,
+        **step_cache_knobs(request, defaults))
 
 
 def video_denoise_job(request: dit_pb2.DenoiseRequest, defaults: dict[str, Any], limits: RequestLimits, *,
@@ -295,7 +299,8 @@ def video_denoise_job(request: dit_pb2.DenoiseRequest, defaults: dict[str, Any],
         frames=(max(request.latent_frames, 1) - 1) * TEMPORAL_COMPRESSION + 1, fps=16, steps=f.steps, seed=f.seed,
         guidance=_or(request, "guidance", defaults.get("guidance", 5.0)),
         context_guidance=_or(request, "context_guidance", defaults.get("context_guidance", 1.0)),
-        cfg_range=f.cfg_range, output=OutputSpec("mp4"), preview=request.preview, sigmas=list(request.sigmas) or None)
+        cfg_range=f.cfg_range, output=OutputSpec("mp4"), preview=request.preview, sigmas=list(request.sigmas) or None,
+        **step_cache_knobs(request, defaults))
 
 
 def _or(request: Any, name: str, default: float) -> float:

@@ -8,12 +8,16 @@ config.
 
 from __future__ import annotations
 
-from dit_worker.engine import DiTEngineConfig
+from typing import TYPE_CHECKING
+
 from vae_worker.media import MediaLimits
 
 from .config import ServeConfig
 from .model_dir import ModelIndex, init_random, read_index
 from .presets import get_preset
+
+if TYPE_CHECKING:  # the planner replica and the ingress import this module: no diffusers there
+    from dit_worker.engine import DiTEngineConfig
 
 
 def media_limits(cfg: ServeConfig) -> MediaLimits:
@@ -40,8 +44,12 @@ def ensure_model(cfg: ServeConfig, name: str) -> ModelIndex:
 
 
 def dit_engine_config(cfg: ServeConfig) -> DiTEngineConfig:
+    from dit_worker.engine import DiTEngineConfig
+
     engine = cfg.dit.engine
     return DiTEngineConfig(device=cfg.resolved_device("dit"), dtype=cfg.resolved_dtype("dit"),
                            max_batch_rows=engine.max_batch_rows, max_latent_tokens=engine.max_latent_tokens,
+                           max_batch_tokens=engine.max_batch_tokens, mixed_shapes=engine.mixed_shapes,
+                           max_padding=engine.max_padding,
                            max_ref_images=cfg.ingress.limits.max_reference_images,
                            attention_backend=engine.attention_backend, compile=engine.compile)

@@ -85,6 +85,9 @@ class Mammoth2DiTConfig(DataclassConfig):
     gen_image_condition_refiner_config: Mammoth2ImageEmbedderConfig = field(
         default_factory=Mammoth2ImageEmbedderConfig
     )
+    # MammothModa2-Preview: its QFormer (official ``gen_image_condition_refiner``) works at the
+    # planner width and its queries then take the caption projection, like the text tokens.
+    image_refiner_at_llm_width: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.gen_image_condition_refiner_config, dict):
@@ -314,6 +317,7 @@ class Mammoth2Transformer(nn.Module):
         patch_dim = c.patch_size * c.patch_size * c.in_channels
         ffn = ffn_inner_dim(d, c.multiple_of, c.ffn_dim_multiplier)
         qcfg = c.gen_image_condition_refiner_config
+        qd = c.llm_hidden_size if c.image_refiner_at_llm_width else d
 
         def blocks(n: int, modulation: bool) -> nn.ModuleList:
             return nn.ModuleList(
@@ -329,10 +333,10 @@ class Mammoth2Transformer(nn.Module):
             timestep_scale=c.timestep_scale,
             image_embedder=QFormerImageEmbedder(
                 input_dim=c.llm_hidden_size,
-                hidden_size=d,
+                hidden_size=qd,
                 num_queries=qcfg.num_queries,
                 num_layers=qcfg.num_layers,
-                num_heads=max(1, d // 128),
+                num_heads=max(1, qd // 128),
                 dropout=qcfg.dropout,
                 norm_eps=qcfg.norm_eps,
             ),
@@ -429,6 +433,8 @@ class Mammoth2Transformer(nn.Module):
             padded = torch.stack([_pad_dim1(x[None], li)[0] for x in images])
             mask = torch.stack([torch.arange(li, device=device) < x.shape[0] for x in images])
             out = embed.image_embedder(padded, mask)
+            if cfg.image_refiner_at_llm_width:
+                out = embed.caption_embedder(out)
             queries = {i: out[k] for k, i in enumerate(with_image)}
 
         # Context = [caption tokens, query tokens], compacted per condition and padded.

@@ -13,9 +13,9 @@ from ray.serve import metrics
 
 from ..config import IngressSettings, ServeConfig
 from ..errors import Unauthenticated
-from ..local import ensure_model
 from ..model_dir import ModelIndex
 from ..render import deployment_config, stage_env_vars
+from ..stage_setup import ensure_model
 
 
 def config_from_args(args: dict[str, Any]) -> ServeConfig:

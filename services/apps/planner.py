@@ -21,6 +21,7 @@ from ..jobs import check_text, new_request_id, understand_job
 from ..stage_messages import plan_image_job
 from ..stage_setup import media_limits
 from ..stages.planner import PlannerStage
+from ..understanding import UnderstandDone
 from .common import (
     ApiKeys,
     StageMetrics,
@@ -97,7 +98,7 @@ class PlannerDeployment:
                                    required=False) if request.HasField("negative_prompt") else None)
             return await self.stage.encode_prompts(prompt, negative)
 
-    async def understand(self, request: generation_pb2.UnderstandRequest) -> AsyncIterator[str]:
+    async def understand(self, request: generation_pb2.UnderstandRequest) -> AsyncIterator[str | UnderstandDone]:
         with self.metrics.call("understand"):
             async for delta in self.stage.understand(understand_job(request, self.cfg.ingress.limits)):
                 yield delta
@@ -136,9 +137,14 @@ class PlannerDeployment:
         try:
             self.auth.check_grpc(grpc_context)
             request_id = new_request_id("chat")
+            done = UnderstandDone(0, 0, "stop")
             async for delta in self.understand(request):
-                yield generation_pb2.UnderstandEvent(request_id=request_id, text=delta)
-            yield generation_pb2.UnderstandEvent(request_id=request_id, finish_reason="stop")
+                if isinstance(delta, UnderstandDone):
+                    done = delta
+                else:
+                    yield generation_pb2.UnderstandEvent(request_id=request_id, text=delta)
+            yield generation_pb2.UnderstandEvent(request_id=request_id, finish_reason=done.finish_reason, usage=(
+                generation_pb2.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)))
         except Exception as exc:  # noqa: BLE001
             stage_grpc_abort(grpc_context, exc)
 

@@ -55,6 +55,7 @@ def profile_config(profile: Profile) -> ServeConfig:
                            head={"cpus": 1, "memory": "4Gi"}, planner={"memory": "12Gi"},
                            dit={"memory": "4Gi"}, vae={"memory": "4Gi"})
     base["proxy_location"] = "HeadOnly"  # the ingress lives on the head: one hop less
+    base["ingress"]["playground"] = False  # a cluster serves the API only (set it in --config to have the page)
     return ServeConfig.from_dict(base, source=f"{profile} profile")
 
 

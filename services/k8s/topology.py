@@ -31,16 +31,19 @@ def dit_parallel_size(cfg: ServeConfig) -> int:
     served (image DiTs stay one process), 1 on configs without the field."""
     parallel = getattr(cfg.dit.engine, "parallel", None)
     size = int(getattr(parallel, "size", 1) or 1)
-    if size > 1 and all(_family(m) == "mammoth2" for m in cfg.models.values()):
+    if size > 1 and not any(_parallel_dit(m) for m in cfg.models.values()):
         return 1
     return size
 
 
-def _family(model: Any) -> str | None:
+def _parallel_dit(model: Any) -> bool:
+    """Whether the model's family runs its DiT as a group (``services.families``)."""
+    from ..families import get_family
+
     try:
-        return model.family()
-    except (OSError, ValueError):  # a model path not readable here: assume it may be MoE
-        return None
+        return get_family(model.family()).parallel_dit
+    except (OSError, ValueError, LookupError):  # a model path not readable here: assume it may be MoE
+        return True
 
 
 def replica_gpus(cfg: ServeConfig, stage: str) -> float:

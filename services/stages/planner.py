@@ -19,6 +19,7 @@ from vae_worker.media import MediaLimits, decode_image, decode_video, fit_to_gri
 from ..config import PlannerEngine as PlannerEngineSettings
 from ..handoff import EncodedMedia, ImageConditions, PromptConditions
 from ..jobs import ImageJob, UnderstandJob
+from ..understanding import UnderstandDone
 
 
 def planner_config(model_dir: Path, settings: PlannerEngineSettings, device: str, dtype: str):
@@ -30,7 +31,7 @@ def planner_config(model_dir: Path, settings: PlannerEngineSettings, device: str
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         enforce_eager=settings.enforce_eager,
-        kv_cache_gib=int(settings.kv_cache_gib or 2),
+        kv_cache_gib=float(settings.kv_cache_gib or 0.25),
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
         disable_multiprocessing=not settings.multiprocessing,
@@ -130,12 +131,15 @@ class PlannerStage:
         return future
 
     # -- understanding ------------------------------------------------------------------------
-    async def understand(self, job: UnderstandJob) -> AsyncIterator[str]:
+    async def understand(self, job: UnderstandJob) -> AsyncIterator[str | UnderstandDone]:
         messages = [await self._decode_media(i, m) for i, m in enumerate(job.messages)]
         sampling: dict[str, Any] = {"max_tokens": job.max_tokens, "temperature": job.temperature,
                                     "top_p": job.top_p, "seed": job.seed, "stop": job.stop or None}
-        async for delta in self.engine.understand(messages, sampling):
+        info: dict[str, Any] = {}
+        async for delta in self.engine.understand(messages, sampling, info):
             yield delta
+        yield UnderstandDone(info.get("prompt_tokens", 0), info.get("completion_tokens", 0),
+                             "length" if info.get("finish_reason") == "length" else "stop")
 
     async def _decode_media(self, index: int, message: dict[str, Any]) -> dict[str, Any]:
         content = []

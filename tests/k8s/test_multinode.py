@@ -27,7 +27,7 @@ from services.client import MammothClient
 from services.config import ServeConfig
 from services.k8s.manifests import profile_config, ray_start_args, render_manifests
 from services.k8s.topology import HEAD, STAGE_GROUPS, group_resource, groups
-from services.local import ensure_model
+from services.stage_setup import ensure_model
 
 from .procs import free_port, marked, terminate, tree, wait_gone
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from planner.engine import GuidanceError, PlannerConfig
+from planner.guidance import EXTRA_KEY
 from planner.tokens import TokenLayout
 
 from .conftest import start_engine
@@ -132,6 +133,8 @@ def test_out_of_step_pair_is_repaired_or_fails_loudly(engine, reference):
     async def admit_staggered(requests):
         if staggered["left"] and len(requests) == 2:
             staggered["left"] -= 1
+            # Marked as a lone row, the engine's PairScheduler does not hold it for its partner.
+            requests[0][2].extra_args[EXTRA_KEY]["rows"] = 1
             first = await original(requests[:1])
             await asyncio.sleep(1.0)  # the conditional request runs (and samples) alone meanwhile
             return first + await original(requests[1:])
@@ -158,20 +161,21 @@ def test_out_of_step_pair_is_repaired_or_fails_loudly(engine, reference):
 
 
 def test_cancel_during_admission_leaves_the_scheduler_running(engine):
-    """A cancel that lands while the admission pause is awaited: the scheduler is resumed, the
-    request aborted, later requests run."""
-    core = engine.llm.engine_core
-    original = core.pause_scheduler_async
+    """A cancel that lands between the two rows of a pair reaching the engine: the row the
+    scheduler holds for its partner is dropped with the abort, later requests run."""
+    original = engine.llm.add_request
     entered = asyncio.Event()
+    calls = []
 
-    async def slow_pause(*args, **kwargs):
-        result = await original(*args, **kwargs)  # the real pause happens...
-        entered.set()
-        await asyncio.sleep(30)  # ...and the caller is cancelled before admission finishes
-        return result
+    async def slow_second_row(request_id, *args, **kwargs):
+        calls.append(request_id)
+        if len(calls) == 2:  # the conditional row is in the engine, its partner not yet
+            entered.set()
+            await asyncio.sleep(30)
+        return await original(request_id, *args, **kwargs)
 
     async def cancel_in_admission():
-        core.pause_scheduler_async = slow_pause
+        engine.llm.add_request = slow_second_row
         try:
             task = asyncio.ensure_future(engine.plan_image("cancel me", ar_height=2, ar_width=2, cfg_scale=SCALE))
             await asyncio.wait_for(entered.wait(), 60)
@@ -179,10 +183,10 @@ def test_cancel_during_admission_leaves_the_scheduler_running(engine):
             with pytest.raises(asyncio.CancelledError):
                 await task
         finally:
-            core.pause_scheduler_async = original
+            engine.llm.add_request = original
 
     run(engine, cancel_in_admission())
-    # With the scheduler left paused this would hang (and time out).
+    # A held row left behind would pair with nothing; the next pair must run at once.
     res = run(engine, engine.plan_image("after the cancel", ar_height=2, ar_width=3, cfg_scale=SCALE,
                                         temperature=0.0), timeout=120)
     assert res.visual_token_ids.numel() == 2 * 4

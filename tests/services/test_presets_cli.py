@@ -14,7 +14,8 @@ from services.model_dir import ModelDirError, read_index
 def test_presets_json_counts_land_near_the_preset_names(capsys):
     assert main(["presets", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(report) == {"tiny-mammoth2", "tiny-mammoth25", "mammoth2-dev", "mammoth25-6b-a1b", "mammoth25-20b-a3b"}
+    assert set(report) == {"tiny-mammoth2", "tiny-mammoth25", "mammoth2-dev", "mammoth25-6b-a1b", "mammoth25-20b-a3b",
+                           "tiny-mammoth2-preview", "mammoth2-preview"}
     for name, entry in report.items():
         assert {"planner", "dit", "vae"} <= set(entry["stages"]), name
         assert entry["total"] == sum(s["total"] for s in entry["stages"].values())
@@ -33,7 +34,7 @@ def _digest(root) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("preset", ["tiny-mammoth2", "tiny-mammoth25"])
+@pytest.mark.parametrize("preset", ["tiny-mammoth2", "tiny-mammoth25", "tiny-mammoth2-preview"])
 def test_init_tiny_writes_a_complete_deterministic_model_dir(tmp_path, capsys, preset):
     assert main(["init-tiny", str(tmp_path / "a"), "--preset", preset, "--seed", "3"]) == 0
     assert main(["init-tiny", str(tmp_path / "b"), "--preset", preset, "--seed", "3"]) == 0

@@ -194,13 +194,14 @@ def test_understand_streams_an_answer_about_an_image(served, use_http):
 
 def test_http_image_progress_over_sse(http):
     with http.stream("POST", "/v1/images/generations",
-                     json={"prompt": "a cat", "steps": 2, "size": "64x64", "stream": True}) as response:
+                     json={"prompt": "a cat", "steps": 2, "size": "64x64", "stream": True,
+                           "progress_events": True}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
     kinds = [e["type"] for e in events]
-    assert kinds[0] == "queued" and kinds.count("denoise_step") == 2 and kinds[-1] == "completed"
-    assert _image_size(base64.b64decode(events[-1]["data"][0]["b64_json"])) == (64, 64)
+    assert kinds[0] == "queued" and kinds.count("denoise_step") == 2 and kinds[-1] == "image_generation.completed"
+    assert _image_size(base64.b64decode(events[-1]["b64_json"])) == (64, 64)
 
 
 def test_concurrent_requests_all_complete_and_batch(served):
