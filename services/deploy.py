@@ -23,8 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import ServeConfig
-from .stage_setup import ensure_model
 from .render import INGRESS_APP, render_serve_config
+from .stage_setup import ensure_model
 
 logger = logging.getLogger("mammoth.deploy")
 
