@@ -197,6 +197,14 @@ def check_float(name: str, value: Any, low: float, high: float) -> float:
     return float(value)
 
 
+def reference_budget(defaults: dict[str, Any], limits: RequestLimits, multiple: int) -> tuple[int, int]:
+    """The area an edit with no size may fill: the model's default size, clamped to the limits
+    (an official checkpoint's 1024x1024 default must not refuse a server capped at 256)."""
+    width = min(int(defaults.get("width", 1024)), limits.max_width) // multiple * multiple
+    height = min(int(defaults.get("height", 1024)), limits.max_height) // multiple * multiple
+    return max(width, multiple), max(height, multiple)
+
+
 def check_size(name: str, value: int, limit: int, multiple: int = 16) -> int:
     value = check_int(name, value, multiple, limit)
     if value % multiple:
@@ -279,6 +287,8 @@ def image_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         raise InvalidArgument("width" if width is None else "height", "set both width and height, or neither")
     from_reference = edit and width is None
     spatial, multiple = geometry(defaults)
+    if from_reference:  # the first reference picks the size, within this area budget
+        width, height = reference_budget(defaults, limits, multiple)
     width = check_size("width", defaults["width"] if width is None else width, limits.max_width, multiple)
     height = check_size("height", defaults["height"] if height is None else height, limits.max_height, multiple)
     steps = _opt(msg, "steps")
@@ -405,5 +415,12 @@ def understand_job(msg: Any, limits: RequestLimits) -> UnderstandJob:
         temperature=check_float("temperature", 1.0 if temperature is None else temperature, 0.0, 5.0),
         top_p=check_float("top_p", 1.0 if top_p is None else top_p, 0.0, 1.0),
         seed=None if seed is None else check_int("seed", seed, 0, 2**63 - 1),
-        stop=[check_text("stop", s, limits) for s in msg.stop],
+        stop=[_check_stop(f"stop[{i}]", s, limits) for i, s in enumerate(msg.stop)],
     )
+
+
+def _check_stop(name: str, value: str, limits: RequestLimits) -> str:
+    """A stop sequence may be whitespace alone (``"\\n\\n"`` is a common one); only "" is refused."""
+    if value == "":
+        raise InvalidArgument(name, "must not be empty")
+    return check_text(name, value, limits, required=False)

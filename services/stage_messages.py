@@ -36,6 +36,7 @@ from .jobs import (
     geometry,
     image_job,
     new_request_id,
+    reference_budget,
     step_cache_knobs,
 )
 from .media_formats import (
@@ -163,10 +164,9 @@ def encode_job(request: vae_pb2.EncodeRequest, defaults: dict[str, Any], limits:
             output=OutputSpec("mp4"), source_video=request.media.data, resize_policy=policy,
             size_from_source=not has_size, frames_from_source=not request.frames, spatial=spatial,
             multiple=multiple)
+    width, height = (request.width, request.height) if has_size else reference_budget(defaults, limits, multiple)
     return ImageJob(
-        request_id=request_id, prompt="", negative_prompt=None,
-        width=request.width if has_size else defaults.get("width", 1024),
-        height=request.height if has_size else defaults.get("height", 1024),
+        request_id=request_id, prompt="", negative_prompt=None, width=width, height=height,
         steps=1, seed=0, text_guidance=1.0, image_guidance=1.0, cfg_range=(0.0, 1.0), ar_height=1,
         ar_width=1, ar_cfg_scale=1.0, ar_temperature=1.0, ar_top_k=0, ar_top_p=1.0,
         output=OutputSpec("png"), reference_images=[request.media.data], resize_policy=policy,

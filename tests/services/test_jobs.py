@@ -81,6 +81,18 @@ def test_edit_requires_images_within_limits():
     assert job.size_from_reference and job.image_guidance == IMAGE["image_guidance"]
 
 
+def test_an_edit_with_no_size_fits_the_default_area_clamped_to_the_limits():
+    """An official checkpoint's 1024x1024 default on a server capped at 256: the reference picks the
+    size within 256x256, where the default itself would be refused."""
+    official = {**IMAGE, "width": 1024, "height": 1024}
+    capped = RequestLimits(max_width=256, max_height=256)
+    edit = generation_pb2.EditImageRequest(instruction="x", reference_images=[common_pb2.Media(data=b"1")])
+    job = image_job(edit, official, capped, edit=True)
+    assert job.size_from_reference and (job.width, job.height) == (256, 256)
+    with pytest.raises(InvalidArgument, match="width"):  # a request that asks for it is still refused
+        image_job(generation_pb2.GenerateImageRequest(prompt="x"), official, capped, edit=False)
+
+
 @pytest.mark.parametrize("frames,ok", [(1, True), (5, True), (17, True), (6, False), (21, False), (0, False)])
 def test_video_frames_must_be_4k_plus_1_within_the_limit(frames, ok):
     msg = generation_pb2.GenerateVideoRequest(prompt="x", frames=frames)
@@ -106,6 +118,11 @@ def test_understand_validates_roles_parts_and_sampling():
     msg.temperature = 0.5
     job = understand_job(msg, LIMITS)
     assert job.messages == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}] and job.max_tokens == 4
+    msg.stop.extend(["\n\n", " "])  # whitespace-only stop sequences are real ones
+    assert understand_job(msg, LIMITS).stop == ["\n\n", " "]
+    msg.stop.append("")
+    with pytest.raises(InvalidArgument, match=r"stop\[2\]"):
+        understand_job(msg, LIMITS)
 
 
 def test_http_bodies_become_the_same_protos():
