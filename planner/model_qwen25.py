@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.model_executor.layers.fusion.mm_input_norm import build_mm_input_norm
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VisionTransformer,
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
@@ -59,11 +61,6 @@ class MammothQwen2ForCausalLM(GenHeadLM, Qwen2ForCausalLM):
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
 
-def _language_model(vllm_config: VllmConfig, *, prefix: str = "", hf_config=None, architectures=None):
-    """Stands in for ``init_vllm_registered_model`` while the stock Qwen2.5-VL builds its text model."""
-    return MammothQwen2ForCausalLM(vllm_config=vllm_config, prefix=prefix)
-
-
 @MULTIMODAL_REGISTRY.register_processor(
     Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
@@ -79,16 +76,30 @@ class Mammothmoda2Qwen2_5_VLForConditionalGeneration(GenMaskCarrier, Qwen2_5_VLF
     )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model"):
-        # Build the stock Qwen2.5-VL (vision tower, processor wiring), with our text model.
-        import vllm.model_executor.models.qwen2_5_vl as q25
-
-        original = q25.init_vllm_registered_model
-        q25.init_vllm_registered_model = _language_model
-        try:
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-        finally:
-            q25.init_vllm_registered_model = original
-        assert isinstance(self.language_model, MammothQwen2ForCausalLM)
+        # The stock __init__ builds its text model through the registry under the fixed name
+        # "Qwen2ForCausalLM"; this is its body with our text model built directly instead.
+        super(Qwen2_5_VLForConditionalGeneration, self).__init__()
+        config = vllm_config.model_config.hf_config
+        multimodal_config = vllm_config.model_config.get_multimodal_config()
+        self.use_data_parallel = multimodal_config.mm_encoder_tp_mode == "data"
+        self.config = config
+        self.model_config = vllm_config.model_config
+        self.vllm_config = vllm_config
+        self.multimodal_config = multimodal_config
+        self.video_pruning_rate = multimodal_config.video_pruning_rate
+        self.is_multimodal_pruning_enabled = multimodal_config.is_multimodal_pruning_enabled()
+        with self._mark_tower_model(vllm_config, {"image", "video"}):
+            self.visual = Qwen2_5_VisionTransformer(
+                vision_config=config.vision_config,
+                norm_eps=getattr(config, "rms_norm_eps", 1e-6),
+                quant_config=self.quant_config,
+                input_norm=build_mm_input_norm(self.model_config),
+                prefix=maybe_prefix(prefix, "visual"),
+            )
+        with self._mark_language_model(vllm_config):
+            self.language_model = MammothQwen2ForCausalLM(
+                vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model"))
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         self.init_gen_mask(self.config.text_config.gen_vocab_start_index)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
