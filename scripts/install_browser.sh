@@ -1,5 +1,5 @@
 #!/bin/sh
-# Headless Chromium + its WebDriver for the playground test (tests/services/test_playground.py).
+# Headless Chromium + its WebDriver for the playground test (tests/served/test_playground.py).
 # Idempotent and quiet: nothing happens when both are installed; otherwise Debian's packages are
 # installed with apt when we are root or have password-less sudo, else it says what is missing.
 set -eu

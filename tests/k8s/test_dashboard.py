@@ -2,7 +2,7 @@
 as PromQL, and every ``ray_mammoth_*`` series it reads is one the code defines.
 
 That each series is really exported is checked against Ray's Prometheus endpoint of a served
-pipeline in tests/services/test_playground.py (``test_dashboard_metrics_are_exported``)."""
+pipeline in tests/served/test_playground.py (``test_dashboard_metrics_are_exported``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""End to end through real Ray Serve on CPU: both tiny models, gRPC and HTTP, every flow.
-
-One Serve deployment for the whole module (starting two vLLM planners is the expensive part);
-every test talks to it over the network like a client would.
+"""End to end through real Ray Serve on CPU: the tiny image and video models, gRPC and HTTP,
+every flow, against the package's one served pipeline, over the network like a client would.
 """
 
 from __future__ import annotations
@@ -10,11 +8,9 @@ import base64
 import concurrent.futures
 import io
 import json
-import socket
 import time
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,81 +29,23 @@ from protos import (
 from protos.tensors import ndarray_from_proto, tensor_to_proto
 from services.client import ClientError, MammothClient
 from services.config import ServeConfig
+from tests.served.pipeline import API_KEY, channel
 
 pytestmark = pytest.mark.slow
-API_KEY = "test-key-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from services.deploy import serve_down, serve_up
-
-    cache = tmp_path_factory.mktemp("models")
-    grpc_port, http_port = _free_port(), _free_port()
-    cfg = ServeConfig.loads(
-        f"""
-models:
-  image: {{preset: tiny-mammoth2, cache_dir: {cache}}}
-  video: {{preset: tiny-mammoth25, cache_dir: {cache}}}
-ingress: {{grpc_port: {grpc_port}, http_port: {http_port}, host: 127.0.0.1, expose_stages: true,
-          limits: {{max_width: 512, max_height: 512, max_frames: 17, max_steps: 100}}}}
-dit: {{engine: {{batch_wait_timeout_s: 0.2}}}}
-"""
-    )
-    serve_up(cfg)
-    try:
-        yield cfg
-    finally:
-        serve_down()
-
-
-class _WithApp(grpc.UnaryStreamClientInterceptor, grpc.UnaryUnaryClientInterceptor):
-    """Adds the ``application`` metadata the Serve proxy routes by when several apps listen."""
-
-    def __init__(self, app: str):
-        self.app = app
-
-    def _details(self, details):
-        metadata = list(details.metadata or []) + [("application", self.app)]
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, base, metadata):
-        self.method, self.timeout, self.metadata = base.method, base.timeout, metadata
-        self.credentials, self.wait_for_ready, self.compression = base.credentials, base.wait_for_ready, None
 
 
 def _channel(cfg: ServeConfig, app: str) -> grpc.Channel:
-    return grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{cfg.ingress.grpc_port}"), _WithApp(app))
+    return channel(cfg, app)
 
 
 @pytest.fixture
 def grpc_stub(served):
-    channel = _channel(served, "mammoth")
-    yield generation_pb2_grpc.GenerationStub(channel)
-    channel.close()
+    ch = channel(served)
+    yield generation_pb2_grpc.GenerationStub(ch)
+    ch.close()
 
 
-@pytest.fixture
-def http(served):
-    with httpx.Client(base_url=f"http://127.0.0.1:{served.ingress.http_port}", timeout=300) as client:
-        yield client
-
-
-def _client(cfg: ServeConfig, *, use_http: bool = False, api_key: str | None = None) -> MammothClient:
+def _client(cfg: ServeConfig, *, use_http: bool = False, api_key: str | None = API_KEY) -> MammothClient:
     return MammothClient(f"127.0.0.1:{cfg.ingress.grpc_port}", f"http://127.0.0.1:{cfg.ingress.http_port}",
                          use_http=use_http, api_key=api_key)
 
@@ -353,25 +291,28 @@ def test_server_still_serves_after_bad_input(served, grpc_stub):
 # ---------------------------------------------------------------------------- auth
 
 
-def test_auth_on_then_off(served):
+def test_auth_off_then_on(served):
     from ray import serve
 
     from services.apps.pipeline import app as ingress_app
     from services.config import ServeConfig
 
-    secured = ServeConfig.from_dict({**served.to_dict(), "ingress": {
-        **served.to_dict()["ingress"], "auth_enabled": True, "api_keys": [API_KEY]}})
-    serve.run(ingress_app({"config": secured.to_dict()}), name="mammoth", route_prefix="/")
+    with pytest.raises(ClientError) as info:  # the package's pipeline runs with keys
+        _client(served, api_key=None).generate_image("x", seed=1, steps=1, width=64, height=64)
+    assert info.value.code == "UNAUTHENTICATED"
+    with pytest.raises(ClientError) as info:
+        _client(served, use_http=True, api_key="wrong").generate_image("x", seed=1, steps=1, width=64, height=64)
+    assert info.value.code == 401
+    open_cfg = ServeConfig.from_dict({**served.to_dict(), "ingress": {
+        **served.to_dict()["ingress"], "auth_enabled": False, "api_keys": []}})
+    serve.run(ingress_app({"config": open_cfg.to_dict()}), name="mammoth", route_prefix="/")
     try:
-        with pytest.raises(ClientError) as info:
-            _client(served).generate_image("x", seed=1, steps=1, width=64, height=64)
-        assert info.value.code == "UNAUTHENTICATED"
-        with pytest.raises(ClientError) as info:
-            _client(served, use_http=True, api_key="wrong").generate_image("x", seed=1, steps=1, width=64, height=64)
-        assert info.value.code == 401
-        assert _client(served, api_key=API_KEY).generate_image("x", seed=1, steps=1, width=64, height=64).width == 64
-        assert _client(served, use_http=True, api_key=API_KEY).generate_image(
+        assert _client(served, api_key=None).generate_image("x", seed=1, steps=1, width=64, height=64).width == 64
+        assert _client(served, use_http=True, api_key=None).generate_image(
             "x", seed=1, steps=1, width=64, height=64).width == 64
     finally:
         serve.run(ingress_app({"config": served.to_dict()}), name="mammoth", route_prefix="/")
+    with pytest.raises(ClientError) as info:
+        _client(served, use_http=True, api_key=None).generate_image("x", seed=1, steps=1, width=64, height=64)
+    assert info.value.code == 401
     assert _client(served).generate_image("x", seed=1, steps=1, width=64, height=64).width == 64

@@ -1,59 +1,26 @@
 """Two image models of one family served side by side, chosen by the request's ``model``.
 
-One Serve deployment of two tiny MammothModa2 models (``image`` and ``image-b``, one cache
-directory) and nothing else: each has its own planner / DiT / VAE applications, and a request
-naming ``image-b`` must run on image-b's stages, over gRPC and HTTP alike.
+The package's pipeline serves two tiny MammothModa2 models (``image`` and ``image-b``, one cache
+directory) beside the video model: each has its own planner / DiT / VAE applications, and a
+request naming ``image-b`` must run on image-b's stages, over gRPC and HTTP alike.
 """
 
 from __future__ import annotations
 
-import socket
-
 import grpc
-import httpx
 import pytest
 from ray import serve
 
 from protos import generation_pb2, generation_pb2_grpc
-from services.config import ServeConfig
+from tests.served.pipeline import channel
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from services.deploy import serve_down, serve_up
-
-    cache = tmp_path_factory.mktemp("models")
-    cfg = ServeConfig.loads(f"""
-models:
-  image: {{preset: tiny-mammoth2, cache_dir: {cache}}}
-  image-b: {{preset: tiny-mammoth2, cache_dir: {cache}}}
-ingress: {{grpc_port: {_free_port()}, http_port: {_free_port()}, host: 127.0.0.1}}
-""")
-    serve_up(cfg)
-    try:
-        yield cfg
-    finally:
-        serve_down()
-
-
 @pytest.fixture(scope="module")
 def stub(served):
-    with grpc.insecure_channel(f"127.0.0.1:{served.ingress.grpc_port}") as channel:
-        yield generation_pb2_grpc.GenerationStub(channel)
-
-
-@pytest.fixture(scope="module")
-def http(served):
-    with httpx.Client(base_url=f"http://127.0.0.1:{served.ingress.http_port}", timeout=300) as client:
-        yield client
+    with channel(served) as ch:
+        yield generation_pb2_grpc.GenerationStub(ch)
 
 
 def _dit_batches() -> dict[str, int]:
@@ -89,7 +56,8 @@ def test_the_request_model_picks_the_served_model_over_grpc_and_http(stub, http)
     assert chat.status_code == 200, chat.text
 
     listed = http.get("/v1/models").json()["data"]
-    assert [m["id"] for m in listed] == ["image", "image-b"] and {m["family"] for m in listed} == {"mammoth2"}
+    assert [(m["id"], m["family"]) for m in listed] == [("image", "mammoth2"), ("image-b", "mammoth2"),
+                                                        ("video", "mammoth25")]
 
 
 def test_unknown_or_unfit_models_are_refused_naming_model(stub, http):
@@ -103,7 +71,6 @@ def test_unknown_or_unfit_models_are_refused_naming_model(stub, http):
     error = response.json()["error"]
     assert error["code"] == "model_not_found" and error["param"] == "model" and "'nope'" in error["message"]
 
-    for model in ("image-b", ""):  # an image model cannot make videos; none is served at all
-        with pytest.raises(grpc.RpcError) as err:
-            list(stub.GenerateVideo(generation_pb2.GenerateVideoRequest(prompt="x", model=model), timeout=60))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("model:")
+    with pytest.raises(grpc.RpcError) as err:  # an image model cannot make videos
+        list(stub.GenerateVideo(generation_pb2.GenerateVideoRequest(prompt="x", model="image-b"), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("model:")

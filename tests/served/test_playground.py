@@ -1,6 +1,6 @@
 """The web playground, driven in real headless Chromium through a real served pipeline.
 
-One Serve deployment (tiny image + tiny video models, API keys on) for the module: the browser
+Against the package's one served pipeline (tiny image + video models, API keys on): the browser
 opens ``/``, is asked for the key, generates an image (live previews over SSE), edits it, makes
 a video, asks about the image and shows an API error as the API returned it; a screenshot must
 not be blank. The same served pipeline then answers for the Grafana dashboard: every series the
@@ -17,7 +17,6 @@ import io
 import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -30,15 +29,9 @@ from PIL import Image
 from services.config import ServeConfig
 from services.http_api import RequireKey
 from services.playground import FILES, mount_playground, open_paths
+from tests.served.pipeline import API_KEY
 
-API_KEY = "playground-key-42"
 slow = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------ the static shell, no server
@@ -133,37 +126,6 @@ def browser(tmp_path_factory):
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from services.deploy import serve_down, serve_up
-
-    cache = tmp_path_factory.mktemp("models")
-    grpc_port, http_port = _free_port(), _free_port()
-    cfg = ServeConfig.loads(
-        f"""
-models:
-  image: {{preset: tiny-mammoth2, cache_dir: {cache}}}
-  video: {{preset: tiny-mammoth25, cache_dir: {cache}}}
-ingress: {{grpc_port: {grpc_port}, http_port: {http_port}, host: 127.0.0.1, playground: true,
-          auth_enabled: true, api_keys: [{API_KEY}],
-          limits: {{max_width: 256, max_height: 256, max_frames: 9, max_steps: 8}}}}
-dit: {{engine: {{batch_wait_timeout_s: 0.2}}}}
-"""
-    )
-    serve_up(cfg)
-    try:
-        yield cfg
-    finally:
-        serve_down()
-
-
-@pytest.fixture
-def http(served):
-    with httpx.Client(base_url=f"http://127.0.0.1:{served.ingress.http_port}", timeout=300,
-                      headers={"authorization": f"Bearer {API_KEY}"}) as client:
-        yield client
 
 
 def _wait(driver, css: str, timeout: float = 300):
