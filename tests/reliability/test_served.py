@@ -147,6 +147,8 @@ def _clean(message: str) -> None:
 
 def _http_error(response: httpx.Response) -> dict:
     """The JSON error shape of a 4xx/5xx answer (kept for the final cleanliness check)."""
+    assert response.headers.get("content-type", "").startswith("application/json"), \
+        (response.status_code, dict(response.headers), response.text[:500])
     error = response.json()["error"]
     _clean(error["message"])
     return error

@@ -1,9 +1,8 @@
 """The one served pipeline every module of ``tests/served/`` talks to, and how to reach it.
 
 Starting a pipeline (Ray, two vLLM planners, DiTs, VAEs) is the expensive part of these tests,
-so the package shares one (``conftest.served``): the tiny image model twice (``image`` and
-``image-b``, one family side by side) and the tiny video model, behind API keys, with the
-stage services exposed, the playground on and URL results. Each module asks it what a user of
+so the package shares one (``conftest.served``): the tiny image and video models behind API
+keys, with the stage services exposed, the playground on and URL results. Each module asks it what a user of
 its client would; none changes it for the others (a test that redeploys the ingress puts it back).
 """
 
@@ -29,7 +28,6 @@ def pipeline_config(cache_dir: str) -> ServeConfig:
     return ServeConfig.loads(f"""
 models:
   image: {{preset: tiny-mammoth2, cache_dir: {cache_dir}}}
-  image-b: {{preset: tiny-mammoth2, cache_dir: {cache_dir}}}
   video: {{preset: tiny-mammoth25, cache_dir: {cache_dir}}}
 ingress: {{grpc_port: {free_port()}, http_port: {free_port()}, host: 127.0.0.1, expose_stages: true,
           auth_enabled: true, api_keys: [{API_KEY}], playground: true, image_url_ttl_s: 600,

@@ -3,7 +3,9 @@
 One Serve deployment for the module with two Preview models: ``preview`` (the
 ``tiny-mammoth2-preview`` preset, the default for every image task) and ``converted`` (a
 directory ``mammoth convert --from mammothmoda2-preview`` wrote from an official-layout
-checkpoint), each with its own Qwen2.5-VL planner on vLLM, DiT and VAE applications.
+checkpoint), each with its own Qwen2.5-VL planner on vLLM, DiT and VAE applications: two models
+of one family side by side, so this module also checks that a request's ``model`` picks its own
+model's stages.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from ray import serve
 
 from protos import common_pb2, generation_pb2, generation_pb2_grpc
 from services.client import MammothClient
@@ -126,3 +129,46 @@ def test_the_converted_official_checkpoint_serves_every_image_task(stub, http):
 
     listed = {m["id"]: m["family"] for m in http.get("/v1/models").json()["data"]}
     assert listed == {"preview": "mammoth2-preview", "converted": "mammoth2-preview"}
+
+
+# ---------------------------------------------------------------------------- model routing
+
+
+def _dit_batches() -> dict[str, int]:
+    """Batches each model's DiT replica has run (its own application)."""
+    return {model: serve.get_deployment_handle("DiT", app_name=f"{model}-dit").stats.remote().result()["batches_run"]
+            for model in ("preview", "converted")}
+
+
+def _image(stub, **fields) -> generation_pb2.GenerationResult:
+    request = generation_pb2.GenerateImageRequest(prompt="a red square", width=64, height=64, steps=2, seed=3,
+                                                  **fields)
+    return list(stub.GenerateImage(request, timeout=300))[-1].result
+
+
+def test_the_request_model_picks_its_own_stages_over_grpc_and_http(stub, http):
+    before = _dit_batches()
+    assert _image(stub, model="converted").model == "converted"
+    after = _dit_batches()
+    assert after == {"preview": before["preview"], "converted": before["converted"] + 1}
+    assert _image(stub).model == "preview"  # no model: the first model serving text_to_image
+    assert _dit_batches()["preview"] == after["preview"] + 1
+    body = {"prompt": "a red square", "size": "64x64", "steps": 2, "seed": 3, "model": "converted"}
+    response = http.post("/v1/images/generations", json=body)
+    assert response.status_code == 200 and response.json()["model"] == "converted", response.text
+    assert _dit_batches()["converted"] == after["converted"] + 1
+
+
+def test_unknown_or_unfit_models_are_refused_naming_model(stub, http):
+    with pytest.raises(grpc.RpcError) as err:
+        _image(stub, model="nope")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("model:")
+    assert "'nope'" in err.value.details()
+    response = http.post("/v1/images/generations", json={"prompt": "x", "model": "nope"})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "'nope'" in error["message"]
+    for model in ("converted", ""):  # an image model cannot make videos; no video model is served
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.GenerateVideo(generation_pb2.GenerateVideoRequest(prompt="x", model=model), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("model:")

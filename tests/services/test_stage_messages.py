@@ -57,6 +57,10 @@ def test_a_direct_plan_request_takes_model_defaults_and_limits():
     assert (job.ar_height, job.ar_width) == (IMAGE["ar_height"], IMAGE["ar_width"])
     with pytest.raises(ValueError, match="ar_height"):
         messages.plan_image_job(planner_pb2.PlanImageRequest(prompt="x", ar_height=10_000), IMAGE, LIMITS)
+    # an official checkpoint's 1024x1024 default on a server capped at 256: the plan has no size to refuse
+    capped = RequestLimits(max_width=256, max_height=256)
+    official = {**IMAGE, "width": 1024, "height": 1024}
+    assert messages.plan_image_job(planner_pb2.PlanImageRequest(prompt="a cat"), official, capped).prompt == "a cat"
 
 
 @pytest.mark.parametrize("job", [_edit_job(), _video_job(), _video_job(edit=True)], ids=["edit", "t2v", "v2v"])
