@@ -7,7 +7,6 @@ response message, for any gRPC client that names this application.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -84,13 +83,7 @@ class PlannerDeployment:
         decoded here and shown to the ViT."""
         with self.metrics.call("plan_image"):
             job = plan_image_job(request, self.defaults, self.cfg.ingress.limits)
-            codes = reference_codes(request)
-            fitted = EncodedMedia.merge(references)
-            if codes:
-                fitted = (dataclasses.replace(fitted, visual_codes=codes) if fitted is not None
-                          else EncodedMedia([], [], job.width, job.height, visual_codes=codes))
-            elif fitted is None and job.reference_images:
-                fitted = await self.stage.fit_references(job)
+            fitted = await self.stage.edit_inputs(job, EncodedMedia.merge(references), reference_codes(request))
             try:
                 result = await self.stage.plan_image(job, fitted)
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -90,6 +91,18 @@ class PlannerStage:
             timings=timings,
             prompt_tokens=len(result.prompt_token_ids),
         )
+
+    async def edit_inputs(self, job: ImageJob, encoded: EncodedMedia | None,
+                          codes: list[np.ndarray]) -> EncodedMedia | None:
+        """What ``plan_image`` reads of an edit's references: a direct caller's MammothTok codes
+        (``PlanImageRequest.reference_codes``: no pixels needed), else the VAE's encoded
+        references, else the job's images decoded and fitted here (for the ViT)."""
+        if codes:
+            return (dataclasses.replace(encoded, visual_codes=codes) if encoded is not None
+                    else EncodedMedia([], [], job.width, job.height, visual_codes=codes))
+        if encoded is None and job.reference_images:
+            return await self.fit_references(job)
+        return encoded
 
     async def fit_references(self, job: ImageJob) -> EncodedMedia:
         """Reference images decoded and fitted for the planner alone (no latents): what a

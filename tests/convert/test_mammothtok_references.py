@@ -151,3 +151,19 @@ def test_planner_splices_each_reference_at_its_placeholder():
         splice_references(ids, [a], lay, _chars)
     with pytest.raises(ValueError, match=r"reference_codes\[1\]"):
         splice_references(ids, [a, np.array([[lay.num_visual_codes]])], lay, _chars)
+
+
+def test_planner_stage_takes_a_callers_codes_over_pixels():
+    from services.stages.planner import PlannerStage
+
+    stage = PlannerStage(engine=None)  # edit_inputs needs no engine
+    job = _edit_job(_png(64, 48))
+    codes = [np.ones((2, 2), dtype=np.int32)]
+    encoded = EncodedMedia([np.zeros((16, 6, 8), np.float32)], [np.zeros((48, 64, 3), np.uint8)], 64, 48)
+    with_codes = asyncio.run(stage.edit_inputs(job, encoded, codes))
+    assert with_codes.visual_codes == codes and len(with_codes.pixels) == 1 and encoded.visual_codes == []
+    assert asyncio.run(stage.edit_inputs(job, encoded, [])) is encoded
+    only_codes = asyncio.run(stage.edit_inputs(job, None, codes))
+    assert only_codes.pixels == [] and only_codes.visual_codes == codes
+    fitted = asyncio.run(stage.edit_inputs(job, None, []))  # a caller with images only: the ViT sees them
+    assert fitted.visual_codes == [] and fitted.pixels[0].shape == (48, 64, 3)

@@ -108,6 +108,16 @@ def test_edit_prompts_carry_the_references_mammothtok_codes(served):
     assert edited.prompt_tokens == plain.prompt_tokens + visual_prompt_length(5, 5)
     assert edited.planned_tokens == plain.planned_tokens == 3 * (3 + 1)
 
+    # a direct Planner.PlanImage caller: the codes ride in the message (as VAE.Encode returned them)
+    from protos import planner_pb2
+    from services import stage_messages as messages
+
+    request = planner_pb2.PlanImageRequest.FromString(messages.plan_image_request(t2i, [codes]).SerializeToString())
+    job = messages.plan_image_job(request, model.defaults, cfg.ingress.limits)
+    inputs = loop.run_until_complete(stages.planner.edit_inputs(job, None, messages.reference_codes(request)))
+    assert inputs.pixels == [] and np.array_equal(inputs.visual_codes[0], codes)
+    assert loop.run_until_complete(stages.planner.plan_image(job, inputs)).prompt_tokens == edited.prompt_tokens
+
     engine = stages.planner.engine
     lay = engine.layout
     plan = loop.run_until_complete(engine.plan_image("make it blue", ar_height=3, ar_width=3, cfg_scale=1.0, seed=3,
