@@ -514,8 +514,9 @@ class PlannerEngine:
         n_uncond = self.config.uncond_prompt_tokens
         grid_len = ar_height * (ar_width + 1)
         if len(text_ids) + grid_len + 2 > self.config.max_model_len:
-            refs = " (reference visual tokens included)" if reference_codes else ""
-            raise ValueError(f"prompt ({len(text_ids)} tokens{refs}) + {grid_len} planned tokens exceed "
+            # with coded references their visual tokens dominate: name them, not the prompt text
+            what = "reference_images: the prompt with the references' visual tokens" if reference_codes else "prompt"
+            raise ValueError(f"{what} ({len(text_ids)} tokens) + {grid_len} planned tokens exceed "
                              f"max_model_len={self.config.max_model_len}")
         use_cfg = cfg_scale > 1.0
         if use_cfg and self.config.max_num_seqs < 2:

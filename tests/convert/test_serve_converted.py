@@ -132,6 +132,9 @@ def test_edit_prompts_carry_the_references_mammothtok_codes(served):
     plain_plan = loop.run_until_complete(engine.plan_image("make it blue", ar_height=3, ar_width=3, cfg_scale=1.0,
                                                            seed=3))
     assert plan.text_condition.shape[0] == plain_plan.text_condition.shape[0] + len(engine._encode("5*5"))
+    big = np.zeros((70, 70), dtype=np.int32)  # 4,970 visual tokens: over max_model_len, refused before planning
+    with pytest.raises(ValueError, match="reference_images.*max_model_len"):
+        loop.run_until_complete(engine.plan_image("make it blue", ar_height=3, ar_width=3, reference_codes=[big]))
 
 
 def test_understanding_from_a_converted_checkpoint(served):
