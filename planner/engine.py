@@ -40,6 +40,7 @@ import torch
 from mammoth_common.cpu import engine_dtype
 from mammoth_common.dataclass_config import DataclassConfig
 
+from . import visual_refs
 from .presets import DEFAULT_CONDITION_LAYERS
 from .runtime import EXTRA_KEY, block_bytes, block_views
 from .sizing import SCHEDULER_CLS, kv_cache_bytes, mm_dummy_options
@@ -380,8 +381,11 @@ class PlannerEngine:
         return f"{kind}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
 
     # ------------------------------------------------------------------ prompts
-    def t2i_prompt(self, prompt: str, ar_height: int, ar_width: int, n_images: int = 0) -> str:
+    def t2i_prompt(self, prompt: str, ar_height: int, ar_width: int, n_images: int = 0, n_coded: int = 0) -> str:
+        """``n_images`` references shown to the ViT; ``n_coded`` written as MammothTok visual tokens
+        (one ``<|gen_placeholder|>`` each here, spliced by ``visual_refs.splice_references``)."""
         content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+        content += [{"type": "text", "text": visual_refs.PLACEHOLDER} for _ in range(n_coded)]
         content.append({"type": "text", "text": prompt})
         messages = [
             {"role": "system", "content": [{"type": "text", "text": self.config.system_prompt}]},
@@ -482,11 +486,16 @@ class PlannerEngine:
         top_k: int = 0,
         top_p: float = 1.0,
         reference_images: Sequence[Any] = (),
+        reference_codes: Sequence[Any] = (),
         negative_prompt: str | None = None,
         export_hidden: bool = True,
     ) -> PlanResult:
         """Plan ``ar_height x (ar_width + 1)`` visual tokens and export the DiT conditions.
 
+        Edit references come either as images (``reference_images``: shown to the ViT) or as
+        MammothTok code grids (``reference_codes``, int ``[rows, cols]`` each: written into the
+        prompt as visual tokens, the official edit prompt; no pixels reach the model, so the
+        conditions captured in this pass are the official recompute without pixel values).
         ``export_hidden=False`` skips the hidden-state export (the conditions are zeros); it
         exists to measure the export's cost."""
         if self.config.mode != "mammoth2":
@@ -496,12 +505,19 @@ class PlannerEngine:
         t0 = time.perf_counter()
         lay = self.layout
         seed = int(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-        text = self.t2i_prompt(prompt, ar_height, ar_width, len(reference_images))
+        if reference_images and reference_codes:
+            raise ValueError("reference_codes: give the references as images or as codes, not both")
+        text = self.t2i_prompt(prompt, ar_height, ar_width, len(reference_images), len(reference_codes))
         text_ids = self._encode(text)
+        if reference_codes:
+            text_ids = visual_refs.splice_references(text_ids, reference_codes, lay, self._encode)
         n_uncond = self.config.uncond_prompt_tokens
         grid_len = ar_height * (ar_width + 1)
         if len(text_ids) + grid_len + 2 > self.config.max_model_len:
-            raise ValueError(f"prompt + {grid_len} planned tokens exceed max_model_len={self.config.max_model_len}")
+            # with coded references their visual tokens dominate: name them, not the prompt text
+            what = "reference_images: the prompt with the references' visual tokens" if reference_codes else "prompt"
+            raise ValueError(f"{what} ({len(text_ids)} tokens) + {grid_len} planned tokens exceed "
+                             f"max_model_len={self.config.max_model_len}")
         use_cfg = cfg_scale > 1.0
         if use_cfg and self.config.max_num_seqs < 2:
             raise ValueError("cfg_scale > 1 needs max_num_seqs >= 2 (the pair runs as two sequences)")

@@ -26,7 +26,7 @@ from protos import common_pb2 as protos_dot_common__pb2
 from protos import generation_pb2 as protos_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/planner.proto\x12\nmammoth.v1\x1a\x13protos/common.proto\x1a\x17protos/generation.proto\"\xf9\x02\n\x10PlanImageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x10reference_images\x18\x03 \x03(\x0b\x32\x11.mammoth.v1.Media\x12\x16\n\tar_height\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08\x61r_width\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tcfg_scale\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x18\n\x0btemperature\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x0b \x01(\tH\x06\x88\x01\x01\x42\x0c\n\n_ar_heightB\x0b\n\t_ar_widthB\x0c\n\n_cfg_scaleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x12\n\x10_negative_prompt\"\x9f\x02\n\x11PlanImageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10visual_token_ids\x18\x02 \x03(\x05\x12*\n\x0etext_condition\x18\x03 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12+\n\x0fimage_condition\x18\x04 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12.\n\x12negative_condition\x18\x05 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12\x16\n\x0eplanned_tokens\x18\x07 \x01(\x05\x12$\n\x07timings\x18\x08 \x01(\x0b\x32\x13.mammoth.v1.Timings\"k\n\x13\x45ncodePromptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_negative_prompt\"\xc3\x01\n\x14\x45ncodePromptResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.mammoth.v1.Timings\x12\x32\n\x16negative_hidden_states\x18\x05 \x01(\x0b\x32\x12.mammoth.v1.Tensor2\xf2\x01\n\x07Planner\x12H\n\tPlanImage\x12\x1c.mammoth.v1.PlanImageRequest\x1a\x1d.mammoth.v1.PlanImageResponse\x12Q\n\x0c\x45ncodePrompt\x12\x1f.mammoth.v1.EncodePromptRequest\x1a .mammoth.v1.EncodePromptResponse\x12J\n\nUnderstand\x12\x1d.mammoth.v1.UnderstandRequest\x1a\x1b.mammoth.v1.UnderstandEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/planner.proto\x12\nmammoth.v1\x1a\x13protos/common.proto\x1a\x17protos/generation.proto\"\xa6\x03\n\x10PlanImageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x10reference_images\x18\x03 \x03(\x0b\x32\x11.mammoth.v1.Media\x12\x16\n\tar_height\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08\x61r_width\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tcfg_scale\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x18\n\x0btemperature\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x0b \x01(\tH\x06\x88\x01\x01\x12+\n\x0freference_codes\x18\x0c \x03(\x0b\x32\x12.mammoth.v1.TensorB\x0c\n\n_ar_heightB\x0b\n\t_ar_widthB\x0c\n\n_cfg_scaleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x12\n\x10_negative_prompt\"\x9f\x02\n\x11PlanImageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10visual_token_ids\x18\x02 \x03(\x05\x12*\n\x0etext_condition\x18\x03 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12+\n\x0fimage_condition\x18\x04 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12.\n\x12negative_condition\x18\x05 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12\x16\n\x0eplanned_tokens\x18\x07 \x01(\x05\x12$\n\x07timings\x18\x08 \x01(\x0b\x32\x13.mammoth.v1.Timings\"k\n\x13\x45ncodePromptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_negative_prompt\"\xc3\x01\n\x14\x45ncodePromptResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.mammoth.v1.Timings\x12\x32\n\x16negative_hidden_states\x18\x05 \x01(\x0b\x32\x12.mammoth.v1.Tensor2\xf2\x01\n\x07Planner\x12H\n\tPlanImage\x12\x1c.mammoth.v1.PlanImageRequest\x1a\x1d.mammoth.v1.PlanImageResponse\x12Q\n\x0c\x45ncodePrompt\x12\x1f.mammoth.v1.EncodePromptRequest\x1a .mammoth.v1.EncodePromptResponse\x12J\n\nUnderstand\x12\x1d.mammoth.v1.UnderstandRequest\x1a\x1b.mammoth.v1.UnderstandEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.planner_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLANIMAGEREQUEST']._serialized_start=83
-  _globals['_PLANIMAGEREQUEST']._serialized_end=460
-  _globals['_PLANIMAGERESPONSE']._serialized_start=463
-  _globals['_PLANIMAGERESPONSE']._serialized_end=750
-  _globals['_ENCODEPROMPTREQUEST']._serialized_start=752
-  _globals['_ENCODEPROMPTREQUEST']._serialized_end=859
-  _globals['_ENCODEPROMPTRESPONSE']._serialized_start=862
-  _globals['_ENCODEPROMPTRESPONSE']._serialized_end=1057
-  _globals['_PLANNER']._serialized_start=1060
-  _globals['_PLANNER']._serialized_end=1302
+  _globals['_PLANIMAGEREQUEST']._serialized_end=505
+  _globals['_PLANIMAGERESPONSE']._serialized_start=508
+  _globals['_PLANIMAGERESPONSE']._serialized_end=795
+  _globals['_ENCODEPROMPTREQUEST']._serialized_start=797
+  _globals['_ENCODEPROMPTREQUEST']._serialized_end=904
+  _globals['_ENCODEPROMPTRESPONSE']._serialized_start=907
+  _globals['_ENCODEPROMPTRESPONSE']._serialized_end=1102
+  _globals['_PLANNER']._serialized_start=1105
+  _globals['_PLANNER']._serialized_end=1347
 # @@protoc_insertion_point(module_scope)

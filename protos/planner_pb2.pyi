@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PlanImageRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "reference_images", "ar_height", "ar_width", "cfg_scale", "seed", "temperature", "top_k", "top_p", "negative_prompt")
+    __slots__ = ("request_id", "prompt", "reference_images", "ar_height", "ar_width", "cfg_scale", "seed", "temperature", "top_k", "top_p", "negative_prompt", "reference_codes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class PlanImageRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_CODES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     reference_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Media]
@@ -32,7 +33,8 @@ class PlanImageRequest(_message.Message):
     top_k: int
     top_p: float
     negative_prompt: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., reference_images: _Optional[_Iterable[_Union[_common_pb2.Media, _Mapping]]] = ..., ar_height: _Optional[int] = ..., ar_width: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., negative_prompt: _Optional[str] = ...) -> None: ...
+    reference_codes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., reference_images: _Optional[_Iterable[_Union[_common_pb2.Media, _Mapping]]] = ..., ar_height: _Optional[int] = ..., ar_width: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., negative_prompt: _Optional[str] = ..., reference_codes: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class PlanImageResponse(_message.Message):
     __slots__ = ("request_id", "visual_token_ids", "text_condition", "image_condition", "negative_condition", "prompt_tokens", "planned_tokens", "timings")

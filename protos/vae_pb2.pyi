@@ -69,7 +69,7 @@ class EncodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., media: _Optional[_Union[_common_pb2.Media, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., resize_policy: _Optional[_Union[_common_pb2.ResizePolicy, str]] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., max_frames: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("request_id", "latents", "width", "height", "frames", "fps", "timings")
+    __slots__ = ("request_id", "latents", "width", "height", "frames", "fps", "timings", "visual_codes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class EncodeResponse(_message.Message):
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_CODES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     latents: _common_pb2.Tensor
     width: int
@@ -84,7 +85,8 @@ class EncodeResponse(_message.Message):
     frames: int
     fps: int
     timings: _common_pb2.Timings
-    def __init__(self, request_id: _Optional[str] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[int] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ...) -> None: ...
+    visual_codes: _common_pb2.Tensor
+    def __init__(self, request_id: _Optional[str] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[int] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., visual_codes: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class PreviewRequest(_message.Message):
     __slots__ = ("request_id", "latents", "format", "quality", "max_side")

@@ -23,6 +23,7 @@ class ImageConditions:
     negative: np.ndarray | None  # [Ln, D]
     planned_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0  # the conditional prompt's tokens (reference visual tokens included)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class MediaGeometry:
 
 @dataclass
 class EncodedMedia:
-    """VAE -> DiT (latents) and -> planner (fitted pixels) for editing."""
+    """VAE -> DiT (latents) and -> planner (fitted pixels, or MammothTok codes) for editing."""
 
     latents: list[np.ndarray]  # images: one [C, h, w] each; video: one [C, f, h, w]
     pixels: list[np.ndarray]  # the fitted uint8 inputs: [H, W, 3] each, or one [F, H, W, 3]
@@ -55,6 +56,9 @@ class EncodedMedia:
     frames: int = 1
     fps: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    # images of a model with a MammothTok: one int32 [rows, cols] code grid per image (the
+    # planner writes them into its prompt instead of showing the pixels); empty otherwise
+    visual_codes: list[np.ndarray] = field(default_factory=list)
 
     @property
     def geometry(self) -> MediaGeometry:
@@ -70,7 +74,7 @@ class EncodedMedia:
         first = parts[0]
         timings = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in first.timings}
         return cls([a for p in parts for a in p.latents], [a for p in parts for a in p.pixels], first.width,
-                   first.height, first.frames, first.fps, timings)
+                   first.height, first.frames, first.fps, timings, [c for p in parts for c in p.visual_codes])
 
 
 @dataclass

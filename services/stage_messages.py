@@ -16,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from protos import common_pb2, dit_pb2, generation_pb2, planner_pb2, vae_pb2
+from protos.tensors import ndarray_from_proto, tensor_to_proto
 
 from .config import RequestLimits
 from .families import get_family
@@ -66,13 +69,34 @@ _PLAN_FIELDS = {"ar_height": "ar_height", "ar_width": "ar_width", "temperature":
 # ------------------------------------------------------------------------------- planner
 
 
-def plan_image_request(job: ImageJob) -> planner_pb2.PlanImageRequest:
-    """Reference images are not in it: the pipeline passes the VAE's fitted pixels beside it."""
+def plan_image_request(job: ImageJob, reference_codes: Any = ()) -> planner_pb2.PlanImageRequest:
+    """Reference images are not in it: the pipeline passes the VAE's encoded references (fitted
+    pixels, MammothTok codes) beside it. ``reference_codes`` (int ``[rows, cols]`` grids) are for
+    callers that hold codes themselves, e.g. from ``VAE.Encode``."""
     request = planner_pb2.PlanImageRequest(
         request_id=job.request_id, prompt=job.prompt, ar_height=job.ar_height, ar_width=job.ar_width,
         cfg_scale=job.ar_cfg_scale, seed=job.seed, temperature=job.ar_temperature, top_k=job.ar_top_k,
         top_p=job.ar_top_p, negative_prompt=job.negative_prompt or "")  # "": none, not the default
+    for grid in reference_codes:
+        tensor_to_proto(np.ascontiguousarray(grid, dtype=np.int32), out=request.reference_codes.add())
     return request
+
+
+def reference_codes(request: planner_pb2.PlanImageRequest) -> list[np.ndarray]:
+    """``reference_codes`` checked: integer ``[rows, cols]`` grids, one per reference image when
+    the message carries images too (the planner checks the codes against its visual range)."""
+    grids = []
+    for i, msg in enumerate(request.reference_codes):
+        name = f"reference_codes[{i}]"
+        grid = ndarray_from_proto(msg, name=name)
+        if grid.ndim != 2 or 0 in grid.shape or grid.dtype.kind not in "iu":
+            raise InvalidArgument(name, f"expected a non-empty integer [rows, cols] grid, got {grid.dtype} "
+                                        f"{tuple(grid.shape)}")
+        grids.append(grid.astype(np.int32))
+    if grids and request.reference_images and len(grids) != len(request.reference_images):
+        raise InvalidArgument("reference_codes", f"{len(grids)} grids for {len(request.reference_images)} "
+                                                 "reference_images")
+    return grids
 
 
 def plan_image_job(request: planner_pb2.PlanImageRequest, defaults: dict[str, Any],

@@ -18,7 +18,7 @@ from protos.tensors import tensor_to_proto
 from ..families import get_family
 from ..handoff import EncodedMedia, ImageConditions, PromptConditions
 from ..jobs import check_text, new_request_id, understand_job
-from ..stage_messages import plan_image_job
+from ..stage_messages import plan_image_job, reference_codes
 from ..stage_setup import media_limits
 from ..stages.planner import PlannerStage
 from ..understanding import UnderstandDone
@@ -77,13 +77,13 @@ class PlannerDeployment:
     # -- pipeline (handle) methods: the gRPC request messages, tensors beside them ------------
     async def plan_image(self, request: planner_pb2.PlanImageRequest,
                          *references: EncodedMedia) -> ImageConditions:
-        """``references``: the VAE's encoded edit inputs (their fitted pixels are shown to the
-        planner); without them, images in ``request.reference_images`` are decoded here."""
+        """``references``: the VAE's encoded edit inputs (their MammothTok codes go into the
+        prompt, else their fitted pixels are shown to the planner); ``request.reference_codes``
+        (a direct caller's) take precedence; else images in ``request.reference_images`` are
+        decoded here and shown to the ViT."""
         with self.metrics.call("plan_image"):
             job = plan_image_job(request, self.defaults, self.cfg.ingress.limits)
-            fitted = EncodedMedia.merge(references)
-            if fitted is None and job.reference_images:
-                fitted = await self.stage.fit_references(job)
+            fitted = await self.stage.edit_inputs(job, EncodedMedia.merge(references), reference_codes(request))
             try:
                 result = await self.stage.plan_image(job, fitted)
             finally:
@@ -111,6 +111,7 @@ class PlannerDeployment:
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             stage_grpc_abort(grpc_context, exc)
         response = planner_pb2.PlanImageResponse(request_id=request.request_id, planned_tokens=result.planned_tokens,
+                                                 prompt_tokens=result.prompt_tokens,
                                                  timings=timings_proto(result.timings))
         tensor_to_proto(result.text, out=response.text_condition)
         if result.image is not None:

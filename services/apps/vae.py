@@ -127,6 +127,8 @@ class VAEDeployment:
                                           frames=encoded.frames, fps=round(encoded.fps),
                                           timings=timings_proto(encoded.timings))
         tensor_to_proto(encoded.latents[0], out=response.latents)
+        if encoded.visual_codes:
+            tensor_to_proto(encoded.visual_codes[0], out=response.visual_codes)
         return response
 
     async def Preview(self, request: vae_pb2.PreviewRequest, grpc_context=None):  # noqa: N802

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -69,12 +70,16 @@ class PlannerStage:
 
     # -- image tasks --------------------------------------------------------------------------
     async def plan_image(self, job: ImageJob, references: EncodedMedia | None = None) -> ImageConditions:
-        images = [Image.fromarray(p) for p in references.pixels] if references is not None else []
+        """References with MammothTok codes (a model with ``vae/mammothtok/``) go into the prompt
+        as visual tokens, as the official processor writes them; without codes the planner's
+        ViT sees the fitted pixels."""
+        codes = list(references.visual_codes) if references is not None else []
+        images = ([Image.fromarray(p) for p in references.pixels] if references is not None and not codes else [])
         start = time.perf_counter()
         result = await self.engine.plan_image(
             job.prompt, ar_height=job.ar_height, ar_width=job.ar_width, cfg_scale=job.ar_cfg_scale,
             seed=job.seed, temperature=job.ar_temperature, top_k=job.ar_top_k, top_p=job.ar_top_p,
-            reference_images=images, negative_prompt=job.negative_prompt,
+            reference_images=images, reference_codes=codes, negative_prompt=job.negative_prompt,
         )
         timings = {f"planner_{k}": float(v) for k, v in result.timings.items()}
         timings["planner"] = time.perf_counter() - start
@@ -84,7 +89,20 @@ class PlannerStage:
             negative=_numpy(result.negative_condition) if result.negative_condition is not None else None,
             planned_tokens=int(result.visual_token_ids.numel()),
             timings=timings,
+            prompt_tokens=len(result.prompt_token_ids),
         )
+
+    async def edit_inputs(self, job: ImageJob, encoded: EncodedMedia | None,
+                          codes: list[np.ndarray]) -> EncodedMedia | None:
+        """What ``plan_image`` reads of an edit's references: a direct caller's MammothTok codes
+        (``PlanImageRequest.reference_codes``: no pixels needed), else the VAE's encoded
+        references, else the job's images decoded and fitted here (for the ViT)."""
+        if codes:
+            return (dataclasses.replace(encoded, visual_codes=codes) if encoded is not None
+                    else EncodedMedia([], [], job.width, job.height, visual_codes=codes))
+        if encoded is None and job.reference_images:
+            return await self.fit_references(job)
+        return encoded
 
     async def fit_references(self, job: ImageJob) -> EncodedMedia:
         """Reference images decoded and fitted for the planner alone (no latents): what a

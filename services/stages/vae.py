@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from vae_worker.engine import ImageVAE, VideoVAE
+from vae_worker.mammothtok import MammothTokEncoder, encode_reference, load_mammothtok
+from vae_worker.mammothtok.official import SUBFOLDER as MAMMOTHTOK_SUBFOLDER
 from vae_worker.media import (
     MediaLimits,
     decode_image,
@@ -83,12 +85,15 @@ class DecodeBatcher:
 
 
 class VAEStage:
-    """One model's VAE (an image or a video engine) plus the media codecs around it."""
+    """One model's VAE (an image or a video engine) plus the media codecs around it, and the
+    model's MammothTok (``<model>/vae/mammothtok/``) when it has one: edit references are then
+    also tokenized for the planner's prompt."""
 
     def __init__(self, vae: ImageVAE | VideoVAE, media_limits: MediaLimits | None = None,
                  resolve: Callable[[Any], Any] = _resolve_local, *, max_batch_decodes: int = 4,
-                 batch_wait_timeout_s: float = 0.0):
+                 batch_wait_timeout_s: float = 0.0, tokenizer: MammothTokEncoder | None = None):
         self.vae = vae
+        self.tokenizer = tokenizer
         self.is_video = isinstance(vae, VideoVAE)
         self.media_limits = media_limits or MediaLimits()
         self.resolve = resolve
@@ -102,12 +107,16 @@ class VAEStage:
         """``engine_cls``: the model family's VAE engine (``ModelFamily.engine_class("vae")``)."""
         vae = engine_cls.from_pretrained(model_dir / "vae", device=device, dtype=getattr(torch, dtype),
                                          memory_budget_mb=memory_budget_mb)
+        tok_dir = model_dir / "vae" / MAMMOTHTOK_SUBFOLDER
+        # fp32: a VQ lookup picks the nearest code, and reduced precision flips near-ties
+        tokenizer = load_mammothtok(tok_dir, device=device) if tok_dir.is_dir() else None
         return cls(vae, media_limits, resolve, max_batch_decodes=max_batch_decodes,
-                   batch_wait_timeout_s=batch_wait_timeout_s)
+                   batch_wait_timeout_s=batch_wait_timeout_s, tokenizer=tokenizer)
 
     # -- media in ----------------------------------------------------------------------------
     async def encode_references(self, job: ImageJob) -> EncodedMedia:
-        """Reference images -> fitted pixels (for the planner) and latents (for the DiT).
+        """Reference images -> fitted pixels (for the planner), latents (for the DiT) and, with a
+        MammothTok, each fitted image's code grid (for the planner's prompt).
 
         With no size in the request, the first image's aspect ratio picks the output size
         (within the model's default area); every reference is fitted to that grid.
@@ -122,7 +131,13 @@ class VAEStage:
         pixels = [np.asarray(fit_to_grid(img, job.width, job.height, job.resize_policy, job.multiple), dtype=np.uint8)
                   for img in images]
         latents = await asyncio.to_thread(self._encode_images, pixels)
-        return EncodedMedia(latents, pixels, job.width, job.height, timings={"vae_encode": time.perf_counter() - start})
+        timings = {"vae_encode": time.perf_counter() - start}
+        codes: list[np.ndarray] = []
+        if self.tokenizer is not None:
+            start = time.perf_counter()
+            codes = await asyncio.to_thread(lambda: [encode_reference(self.tokenizer, p) for p in pixels])
+            timings["mammothtok_encode"] = time.perf_counter() - start
+        return EncodedMedia(latents, pixels, job.width, job.height, timings=timings, visual_codes=codes)
 
     def _encode_images(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
         return [np.ascontiguousarray(self.vae.encode(torch.from_numpy(p)[None])[0].numpy()) for p in pixels]

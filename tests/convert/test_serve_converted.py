@@ -83,6 +83,60 @@ def test_edit_from_a_converted_checkpoint(served):
     assert isinstance(result, flows.Result) and Image.open(io.BytesIO(result.media.data)).size == (64, 64)
 
 
+def test_edit_prompts_carry_the_references_mammothtok_codes(served):
+    """The converted MammothTok tokenizes the fitted reference (64 px -> 70 px -> a 5 x 5 grid)
+    and the planner's prompt grows by exactly that reference's official visual prompt."""
+    from protos import common_pb2, generation_pb2
+    from services.jobs import image_job
+    from vae_worker.mammothtok import load_mammothtok, tokenizer_input, visual_prompt_length
+
+    loop, stages, model, cfg = served
+    small = {k: v for k, v in SMALL.items() if k not in ("width", "height", "text_guidance")}
+    edit = image_job(generation_pb2.EditImageRequest(
+        instruction="make it blue", width=64, height=64, reference_images=[common_pb2.Media(data=_png())], **small),
+        model.defaults, cfg.ingress.limits, edit=True)
+    t2i = image_job(generation_pb2.GenerateImageRequest(prompt="make it blue", width=64, height=64, **small),
+                    model.defaults, cfg.ingress.limits, edit=False)
+    assert stages.vae.tokenizer is not None
+    encoded = loop.run_until_complete(stages.vae.encode_references(edit))
+    (codes,) = encoded.visual_codes
+    direct = load_mammothtok(model.stage_path("vae") / "mammothtok")(tokenizer_input(encoded.pixels[0], 14))[0]
+    assert codes.shape == (5, 5) and np.array_equal(codes, direct.numpy())
+
+    edited = loop.run_until_complete(stages.planner.plan_image(edit, encoded))
+    plain = loop.run_until_complete(stages.planner.plan_image(t2i, None))
+    assert edited.prompt_tokens == plain.prompt_tokens + visual_prompt_length(5, 5)
+    assert edited.planned_tokens == plain.planned_tokens == 3 * (3 + 1)
+
+    # a direct Planner.PlanImage caller: the codes ride in the message (as VAE.Encode returned them)
+    from protos import planner_pb2
+    from services import stage_messages as messages
+
+    request = planner_pb2.PlanImageRequest.FromString(messages.plan_image_request(t2i, [codes]).SerializeToString())
+    job = messages.plan_image_job(request, model.defaults, cfg.ingress.limits)
+    inputs = loop.run_until_complete(stages.planner.edit_inputs(job, None, messages.reference_codes(request)))
+    assert inputs.pixels == [] and np.array_equal(inputs.visual_codes[0], codes)
+    assert loop.run_until_complete(stages.planner.plan_image(job, inputs)).prompt_tokens == edited.prompt_tokens
+
+    engine = stages.planner.engine
+    lay = engine.layout
+    plan = loop.run_until_complete(engine.plan_image("make it blue", ar_height=3, ar_width=3, cfg_scale=1.0, seed=3,
+                                                     reference_codes=[codes]))
+    ids = plan.prompt_token_ids
+    start = ids.index(lay.image_start_id)
+    body = ids[ids.index(lay.image_token_id, start) + 1:][:5 * 6]
+    assert body == [x for row in codes.tolist() for x in [*(lay.visual_start_id + c for c in row), lay.eol_id]]
+    assert lay.gen_placeholder_id not in ids and lay.image_pad_id not in ids  # no ViT input for the reference
+    # official text mask: the reference's generation-vocabulary tokens are not text condition,
+    # its "5*5" size text is
+    plain_plan = loop.run_until_complete(engine.plan_image("make it blue", ar_height=3, ar_width=3, cfg_scale=1.0,
+                                                           seed=3))
+    assert plan.text_condition.shape[0] == plain_plan.text_condition.shape[0] + len(engine._encode("5*5"))
+    big = np.zeros((70, 70), dtype=np.int32)  # 4,970 visual tokens: over max_model_len, refused before planning
+    with pytest.raises(ValueError, match="reference_images.*max_model_len"):
+        loop.run_until_complete(engine.plan_image("make it blue", ar_height=3, ar_width=3, reference_codes=[big]))
+
+
 def test_understanding_from_a_converted_checkpoint(served):
     from protos import common_pb2, generation_pb2
     from services import flows

@@ -5,8 +5,9 @@ lookup): a reference image becomes a grid of codebook indices that the planner r
 ``<|visual token N|>`` tokens. The pixel decoders of the official tokenizer are not needed.
 """
 
+from .encode import encode_reference, tokenizer_input, tokenizer_size
 from .model import MammothTokConfig, MammothTokEncoder, load_mammothtok
 from .prompt import PromptIds, visual_prompt, visual_prompt_ids, visual_prompt_length
 
-__all__ = ["MammothTokConfig", "MammothTokEncoder", "PromptIds", "load_mammothtok", "visual_prompt", "visual_prompt_ids",
-           "visual_prompt_length"]
+__all__ = ["MammothTokConfig", "MammothTokEncoder", "PromptIds", "encode_reference", "load_mammothtok", "tokenizer_input",
+           "tokenizer_size", "visual_prompt", "visual_prompt_ids", "visual_prompt_length"]
