@@ -114,6 +114,7 @@ def plan_image_job(request: planner_pb2.PlanImageRequest, defaults: dict[str, An
         msg.reference_images.extend(request.reference_images)
     else:  # a plan does not depend on the output size (the AR grid does): one within the limits stands in
         msg.width, msg.height = reference_budget(defaults, limits, geometry(defaults)[1])
+    msg.steps = 1  # nor on the DiT's steps (an official default of 50 must not refuse a capped server)
     job = image_job(msg, defaults, limits, edit=edit)
     job.request_id = request.request_id or job.request_id
     return job

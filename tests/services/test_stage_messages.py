@@ -58,8 +58,8 @@ def test_a_direct_plan_request_takes_model_defaults_and_limits():
     with pytest.raises(ValueError, match="ar_height"):
         messages.plan_image_job(planner_pb2.PlanImageRequest(prompt="x", ar_height=10_000), IMAGE, LIMITS)
     # an official checkpoint's 1024x1024 default on a server capped at 256: the plan has no size to refuse
-    capped = RequestLimits(max_width=256, max_height=256)
-    official = {**IMAGE, "width": 1024, "height": 1024}
+    capped = RequestLimits(max_width=256, max_height=256, max_steps=20)
+    official = {**IMAGE, "width": 1024, "height": 1024, "steps": 50}
     assert messages.plan_image_job(planner_pb2.PlanImageRequest(prompt="a cat"), official, capped).prompt == "a cat"
 
 
