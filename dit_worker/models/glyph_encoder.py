@@ -35,13 +35,13 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_to
 
 def t5_config(data: dict) -> T5Config:
     """The encoder config from the official ``text_encoder_2/config.json``; errors name the key."""
+    for key in ("d_model", "num_layers", "num_heads", "d_kv", "d_ff", "vocab_size"):
+        if not isinstance(data.get(key), int) or data[key] <= 0:
+            raise CheckpointError(f"glyph encoder config.json: '{key}' must be a positive integer, got {data.get(key)!r}")
     try:
-        config = T5Config.from_dict({k: v for k, v in data.items() if k not in ("_name_or_path", "transformers_version")})
-    except (TypeError, ValueError) as exc:
+        return T5Config.from_dict({k: v for k, v in data.items() if k not in ("_name_or_path", "transformers_version")})
+    except Exception as exc:  # noqa: BLE001 - transformers' config validation raises its own error types
         raise CheckpointError(f"glyph encoder config.json: {exc}") from exc
-    if config.is_gated_act is None or config.d_model <= 0:
-        raise CheckpointError("glyph encoder config.json: d_model / feed_forward_proj missing")
-    return config
 
 
 def expected_state(config: T5Config) -> dict[str, tuple[int, ...]]:

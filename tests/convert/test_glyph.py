@@ -158,3 +158,15 @@ def read_limits():
     from services.config import RequestLimits
 
     return RequestLimits()
+
+
+def test_a_bad_glyph_encoder_config_is_refused_naming_the_key(tmp_path):
+    from dit_worker.models.glyph_encoder import t5_config
+
+    from .official_layout import BYT5
+
+    assert t5_config(BYT5).d_model == 1472
+    with pytest.raises(CheckpointError, match="'d_model'"):
+        t5_config({**BYT5, "d_model": 0})
+    with pytest.raises(CheckpointError, match="feed_forward_proj"):
+        t5_config({**BYT5, "feed_forward_proj": "no-such-act-x"})
