@@ -12,6 +12,7 @@ a caller aborts its request inside the running batch at the next step; the rest 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -37,6 +38,7 @@ from ..jobs import ImageJob, InvalidArgument, VideoJob
 
 Publish = Callable[[np.ndarray], Any]
 log = logging.getLogger(__name__)
+NEGATIVE_GLYPH_CACHE = 32  # distinct negative glyph texts whose ByT5 states are kept
 
 
 def _identity(array: np.ndarray) -> Any:
@@ -61,6 +63,7 @@ class DiTStage:
                  publish: Publish = _identity, glyph_encoder: GlyphEncoder | None = None):
         self.engine = engine
         self.glyph_encoder = glyph_encoder  # glyph checkpoints: their ByT5 condition encoder
+        self._negative_glyphs: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self.max_batch_requests = max_batch_requests
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.publish = publish
@@ -112,11 +115,22 @@ class DiTStage:
     async def glyph_states(self, job: VideoJob) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """ByT5 states of the job's glyph text and (when CFG uses it) negative glyph text; none
         without a glyph encoder (checkpoints without ``enable_byt5`` ignore glyph text)."""
-        texts = [getattr(job, "glyph_text", None), getattr(job, "negative_glyph_text", None) if job.guidance > 1.0
-                 else None]
-        if self.glyph_encoder is None or not any(texts):
+        text = getattr(job, "glyph_text", None)
+        negative_text = getattr(job, "negative_glyph_text", None) if job.guidance > 1.0 else None
+        if self.glyph_encoder is None or not (text or negative_text):
             return None, None
-        glyph, negative = await asyncio.to_thread(self.glyph_encoder.encode, texts)
+        # Negative prompts repeat across requests: their states are kept (LRU), like the planner's.
+        negative = self._negative_glyphs.get(negative_text) if negative_text else None
+        if negative is not None:
+            self._negative_glyphs.move_to_end(negative_text)
+        todo = [text, negative_text if negative is None else None]
+        if not any(todo):
+            return None, negative
+        glyph, encoded = await asyncio.to_thread(self.glyph_encoder.encode, todo)
+        if encoded is not None:
+            negative = self._negative_glyphs[negative_text] = encoded
+            while len(self._negative_glyphs) > NEGATIVE_GLYPH_CACHE:
+                self._negative_glyphs.popitem(last=False)
         return glyph, negative
 
     async def denoise(self, job: ImageJob | VideoJob, conditions: Any,

@@ -146,7 +146,13 @@ def test_the_dit_stage_feeds_the_glyph_states_to_the_dit(converted):
         with_glyph = loop.run_until_complete(latents(job))
         job.glyph_text = None
         without = loop.run_until_complete(latents(job))
-        job.guidance, job.glyph_text, job.negative_glyph_text = 1.0, 'Text "OPEN". ', 'Text "x". '
+        job.glyph_text, job.negative_glyph_text = 'Text "OPEN". ', 'Text "x". '
+        first = loop.run_until_complete(stage.glyph_states(job))
+        torch.testing.assert_close(first[1], stage.glyph_encoder.encode(['Text "x". '])[0])
+        job.glyph_text = None
+        cached = loop.run_until_complete(stage.glyph_states(job))
+        assert cached[0] is None and cached[1] is first[1]  # kept, not re-encoded
+        job.guidance, job.glyph_text = 1.0, 'Text "OPEN". '
         assert loop.run_until_complete(stage.glyph_states(job))[1] is None  # no CFG: no negative branch
         loop.run_until_complete(stage.close())
     finally:
