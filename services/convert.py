@@ -2,8 +2,9 @@
 
 The official tensors are read lazily (safetensors headers first, then one tensor at a time,
 memory-mapped) and written into one HF-style folder per stage, in shards. Each stage package
-owns its name table (``planner.configuration``, ``dit_worker.official``, ``vae_worker.official``,
-``vae_worker.mammothtok``); this module only routes official tensors to stages. Strict: every
+owns its name table (``planner.configuration``, ``dit_worker.official`` -- the DiT and 2.5's ByT5
+glyph encoder --, ``vae_worker.official``, ``vae_worker.mammothtok``); this module only routes
+official tensors to stages. Strict: every
 official tensor is mapped to exactly one stage or listed in ``IGNORED`` with the reason, and
 every error names the tensor or file.
 
