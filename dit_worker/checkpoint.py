@@ -22,7 +22,8 @@ from torch import nn
 from mammoth_common.dataclass_config import DataclassConfig as _BaseConfig
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+WEIGHTS_NAME = f"{WEIGHTS_STEM}.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 M = TypeVar("M", bound=nn.Module)
@@ -64,15 +65,15 @@ def read_config(config_cls: type[C], directory: str | Path) -> C:
     return config_cls.from_dict(data)
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
-    """Map tensor name -> file, from a sharded index or a single weights file."""
-    index = directory / WEIGHTS_INDEX_NAME
+def _weight_files(directory: Path, stem: str = WEIGHTS_STEM) -> dict[str, Path]:
+    """Map tensor name -> file, from a sharded index or a single weights file (``<stem>.safetensors``)."""
+    index = directory / f"{stem}.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: directory / fname for name, fname in weight_map.items()}
-    single = directory / WEIGHTS_NAME
+    single = directory / f"{stem}.safetensors"
     if not single.is_file():
-        raise CheckpointError(f"missing {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}")
+        raise CheckpointError(f"missing {single.name} (or {index.name}) in {directory}")
     try:
         with safe_open(str(single), framework="pt") as handle:
             return {name: single for name in handle.keys()}  # noqa: SIM118 - safe_open is no dict
@@ -80,10 +81,11 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         raise CheckpointError(f"{single}: unreadable safetensors file ({exc})") from exc
 
 
-def iter_checkpoint_tensors(directory: str | Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint_tensors(directory: str | Path, names: list[str],
+                            stem: str = WEIGHTS_STEM) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the named tensors lazily (one mmap'd read at a time), each file opened once."""
     directory = Path(directory)
-    files = _weight_files(directory)
+    files = _weight_files(directory, stem)
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
@@ -107,11 +109,15 @@ def keeps_fp32(name: str, modules: tuple[str, ...]) -> bool:
 
 
 def load_state_into(model: nn.Module, directory: str | Path, *, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> nn.Module:
-    """Fill a (meta-device) module from a model directory, strictly and lazily."""
+                    dtype: torch.dtype | None = None, stem: str = WEIGHTS_STEM,
+                    tied: tuple[str, ...] = ()) -> nn.Module:
+    """Fill a (meta-device) module from a model directory, strictly and lazily.
+
+    ``tied``: state-dict names that alias another parameter (tied embeddings); they are not in
+    the files, and the caller re-ties them after loading."""
     directory = Path(directory)
-    expected = model.state_dict()
-    available = _weight_files(directory)
+    expected = {n: t for n, t in model.state_dict().items() if n not in tied}
+    available = _weight_files(directory, stem)
     missing = sorted(set(expected) - set(available))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -122,7 +128,7 @@ def load_state_into(model: nn.Module, directory: str | Path, *, device: torch.de
         raise CheckpointError(f"unexpected tensor '{unexpected[0]}'{more} in {directory}")
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", ()) or ())
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_checkpoint_tensors(directory, list(expected)):
+    for name, tensor in iter_checkpoint_tensors(directory, list(expected), stem):
         want = expected[name]
         if tuple(tensor.shape) != tuple(want.shape):
             raise CheckpointError(
@@ -139,7 +145,9 @@ def load_state_into(model: nn.Module, directory: str | Path, *, device: torch.de
         # copy=True: own, aligned memory instead of views into the mmap'd file (kernels pick
         # different paths on unaligned buffers, and the file may change after load).
         state[name] = tensor.to(device=device, dtype=target, copy=True)
-    model.load_state_dict(state, strict=True, assign=True)
+    result = model.load_state_dict(state, strict=not tied, assign=True)
+    if tied and (set(result.missing_keys) - set(tied) or result.unexpected_keys):
+        raise CheckpointError(f"{directory}: state does not fit the model ({result})")
     return model
 
 

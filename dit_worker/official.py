@@ -81,3 +81,27 @@ def map_names(config: Mammoth2DiTConfig | Mammoth25DiTConfig, official: dict[str
     for 2). Shapes are checked too."""
     prefix = OFFICIAL_PREFIX if isinstance(config, Mammoth2DiTConfig) else ""
     return strict_prefix_mapping(official, expected_state(config), prefix, what="the DiT", error=CheckpointError)
+
+
+# ------------------------------------------------------------------- MammothModa2.5 glyph encoder
+# The official ``text_encoder_2/`` is transformers' ``T5EncoderModel`` (ByT5): its names are ours,
+# except that a checkpoint may store the tied input embedding as ``encoder.embed_tokens.weight``
+# (beside or instead of ``shared.weight``).
+GLYPH_TIED_ALIAS = {"encoder.embed_tokens.weight": "shared.weight"}
+
+
+def glyph_encoder_names(config: Any, official: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Our name -> official name for the glyph encoder (a ``T5Config``); strict both ways,
+    shapes checked. An alias of ``shared.weight`` stored beside it is left to the caller to
+    ignore (it is the same tensor)."""
+    from .models.glyph_encoder import expected_state
+
+    view = dict(official)
+    renamed: dict[str, str] = {}
+    for alias, name in GLYPH_TIED_ALIAS.items():
+        if alias in view and name not in view:
+            view[name] = view.pop(alias)
+            renamed[name] = alias
+    mapping = strict_prefix_mapping(view, expected_state(config), "", what="the glyph encoder",
+                                    error=CheckpointError, ignored=tuple(GLYPH_TIED_ALIAS))
+    return {ours: renamed.get(name, name) for ours, name in mapping.items()}

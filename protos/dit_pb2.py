@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/dit.proto\x12\nmammoth.v1\x1a\x13protos/common.proto\"\xcd\x06\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0etext_condition\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12+\n\x0fimage_condition\x18\x03 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12,\n\x10prompt_condition\x18\x04 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12.\n\x12negative_condition\x18\x05 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\'\n\x0bref_latents\x18\x06 \x03(\x0b\x32\x12.mammoth.v1.Tensor\x12*\n\x0esource_latents\x18\x07 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\x15\n\rlatent_frames\x18\x08 \x01(\x05\x12\x15\n\rlatent_height\x18\t \x01(\x05\x12\x14\n\x0clatent_width\x18\n \x01(\x05\x12\r\n\x05steps\x18\x0b \x01(\x05\x12\x0e\n\x06sigmas\x18\x0c \x03(\x02\x12\x0c\n\x04seed\x18\r \x01(\x03\x12\x1a\n\rtext_guidance\x18\x0e \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0eimage_guidance\x18\x0f \x01(\x02H\x01\x88\x01\x01\x12\x15\n\x08guidance\x18\x10 \x01(\x02H\x02\x88\x01\x01\x12\x1d\n\x10\x63ontext_guidance\x18\x11 \x01(\x02H\x03\x88\x01\x01\x12\'\n\tcfg_range\x18\x12 \x01(\x0b\x32\x14.mammoth.v1.CfgRange\x12\x0f\n\x07preview\x18\x13 \x01(\x08\x12!\n\x14step_cache_threshold\x18\x14 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11step_cache_warmup\x18\x15 \x01(\x02H\x05\x88\x01\x01\x12(\n\x1bstep_cache_max_cached_steps\x18\x16 \x01(\x05H\x06\x88\x01\x01\x42\x10\n\x0e_text_guidanceB\x11\n\x0f_image_guidanceB\x0b\n\t_guidanceB\x13\n\x11_context_guidanceB\x17\n\x15_step_cache_thresholdB\x14\n\x12_step_cache_warmupB\x1e\n\x1c_step_cache_max_cached_steps\"\x85\x01\n\x0c\x44\x65noiseEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x04step\x18\x02 \x01(\x0b\x32\x1b.mammoth.v1.DenoiseProgressH\x00\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x19.mammoth.v1.DenoiseResultH\x00\x42\x07\n\x05\x65vent\"[\n\x0f\x44\x65noiseProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12+\n\x0fpreview_latents\x18\x03 \x01(\x0b\x32\x12.mammoth.v1.Tensor\"Z\n\rDenoiseResult\x12#\n\x07latents\x18\x01 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12$\n\x07timings\x18\x02 \x01(\x0b\x32\x13.mammoth.v1.Timings2H\n\x03\x44iT\x12\x41\n\x07\x44\x65noise\x12\x1a.mammoth.v1.DenoiseRequest\x1a\x18.mammoth.v1.DenoiseEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/dit.proto\x12\nmammoth.v1\x1a\x13protos/common.proto\"\xfe\x06\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0etext_condition\x18\x02 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12+\n\x0fimage_condition\x18\x03 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12,\n\x10prompt_condition\x18\x04 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12.\n\x12negative_condition\x18\x05 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\'\n\x0bref_latents\x18\x06 \x03(\x0b\x32\x12.mammoth.v1.Tensor\x12*\n\x0esource_latents\x18\x07 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12\x15\n\rlatent_frames\x18\x08 \x01(\x05\x12\x15\n\rlatent_height\x18\t \x01(\x05\x12\x14\n\x0clatent_width\x18\n \x01(\x05\x12\r\n\x05steps\x18\x0b \x01(\x05\x12\x0e\n\x06sigmas\x18\x0c \x03(\x02\x12\x0c\n\x04seed\x18\r \x01(\x03\x12\x1a\n\rtext_guidance\x18\x0e \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0eimage_guidance\x18\x0f \x01(\x02H\x01\x88\x01\x01\x12\x15\n\x08guidance\x18\x10 \x01(\x02H\x02\x88\x01\x01\x12\x1d\n\x10\x63ontext_guidance\x18\x11 \x01(\x02H\x03\x88\x01\x01\x12\'\n\tcfg_range\x18\x12 \x01(\x0b\x32\x14.mammoth.v1.CfgRange\x12\x0f\n\x07preview\x18\x13 \x01(\x08\x12!\n\x14step_cache_threshold\x18\x14 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11step_cache_warmup\x18\x15 \x01(\x02H\x05\x88\x01\x01\x12(\n\x1bstep_cache_max_cached_steps\x18\x16 \x01(\x05H\x06\x88\x01\x01\x12\x12\n\nglyph_text\x18\x17 \x01(\t\x12\x1b\n\x13negative_glyph_text\x18\x18 \x01(\tB\x10\n\x0e_text_guidanceB\x11\n\x0f_image_guidanceB\x0b\n\t_guidanceB\x13\n\x11_context_guidanceB\x17\n\x15_step_cache_thresholdB\x14\n\x12_step_cache_warmupB\x1e\n\x1c_step_cache_max_cached_steps\"\x85\x01\n\x0c\x44\x65noiseEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x04step\x18\x02 \x01(\x0b\x32\x1b.mammoth.v1.DenoiseProgressH\x00\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x19.mammoth.v1.DenoiseResultH\x00\x42\x07\n\x05\x65vent\"[\n\x0f\x44\x65noiseProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12+\n\x0fpreview_latents\x18\x03 \x01(\x0b\x32\x12.mammoth.v1.Tensor\"Z\n\rDenoiseResult\x12#\n\x07latents\x18\x01 \x01(\x0b\x32\x12.mammoth.v1.Tensor\x12$\n\x07timings\x18\x02 \x01(\x0b\x32\x13.mammoth.v1.Timings2H\n\x03\x44iT\x12\x41\n\x07\x44\x65noise\x12\x1a.mammoth.v1.DenoiseRequest\x1a\x18.mammoth.v1.DenoiseEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.dit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISEREQUEST']._serialized_start=54
-  _globals['_DENOISEREQUEST']._serialized_end=899
-  _globals['_DENOISEEVENT']._serialized_start=902
-  _globals['_DENOISEEVENT']._serialized_end=1035
-  _globals['_DENOISEPROGRESS']._serialized_start=1037
-  _globals['_DENOISEPROGRESS']._serialized_end=1128
-  _globals['_DENOISERESULT']._serialized_start=1130
-  _globals['_DENOISERESULT']._serialized_end=1220
-  _globals['_DIT']._serialized_start=1222
-  _globals['_DIT']._serialized_end=1294
+  _globals['_DENOISEREQUEST']._serialized_end=948
+  _globals['_DENOISEEVENT']._serialized_start=951
+  _globals['_DENOISEEVENT']._serialized_end=1084
+  _globals['_DENOISEPROGRESS']._serialized_start=1086
+  _globals['_DENOISEPROGRESS']._serialized_end=1177
+  _globals['_DENOISERESULT']._serialized_start=1179
+  _globals['_DENOISERESULT']._serialized_end=1269
+  _globals['_DIT']._serialized_start=1271
+  _globals['_DIT']._serialized_end=1343
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "text_condition", "image_condition", "prompt_condition", "negative_condition", "ref_latents", "source_latents", "latent_frames", "latent_height", "latent_width", "steps", "sigmas", "seed", "text_guidance", "image_guidance", "guidance", "context_guidance", "cfg_range", "preview", "step_cache_threshold", "step_cache_warmup", "step_cache_max_cached_steps")
+    __slots__ = ("request_id", "text_condition", "image_condition", "prompt_condition", "negative_condition", "ref_latents", "source_latents", "latent_frames", "latent_height", "latent_width", "steps", "sigmas", "seed", "text_guidance", "image_guidance", "guidance", "context_guidance", "cfg_range", "preview", "step_cache_threshold", "step_cache_warmup", "step_cache_max_cached_steps", "glyph_text", "negative_glyph_text")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_CONDITION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_CONDITION_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class DenoiseRequest(_message.Message):
     STEP_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     STEP_CACHE_WARMUP_FIELD_NUMBER: _ClassVar[int]
     STEP_CACHE_MAX_CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GLYPH_TEXT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_GLYPH_TEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text_condition: _common_pb2.Tensor
     image_condition: _common_pb2.Tensor
@@ -53,7 +55,9 @@ class DenoiseRequest(_message.Message):
     step_cache_threshold: float
     step_cache_warmup: float
     step_cache_max_cached_steps: int
-    def __init__(self, request_id: _Optional[str] = ..., text_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., image_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., ref_latents: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., source_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., latent_frames: _Optional[int] = ..., latent_height: _Optional[int] = ..., latent_width: _Optional[int] = ..., steps: _Optional[int] = ..., sigmas: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ..., text_guidance: _Optional[float] = ..., image_guidance: _Optional[float] = ..., guidance: _Optional[float] = ..., context_guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., preview: _Optional[bool] = ..., step_cache_threshold: _Optional[float] = ..., step_cache_warmup: _Optional[float] = ..., step_cache_max_cached_steps: _Optional[int] = ...) -> None: ...
+    glyph_text: str
+    negative_glyph_text: str
+    def __init__(self, request_id: _Optional[str] = ..., text_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., image_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_condition: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., ref_latents: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., source_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., latent_frames: _Optional[int] = ..., latent_height: _Optional[int] = ..., latent_width: _Optional[int] = ..., steps: _Optional[int] = ..., sigmas: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ..., text_guidance: _Optional[float] = ..., image_guidance: _Optional[float] = ..., guidance: _Optional[float] = ..., context_guidance: _Optional[float] = ..., cfg_range: _Optional[_Union[_common_pb2.CfgRange, _Mapping]] = ..., preview: _Optional[bool] = ..., step_cache_threshold: _Optional[float] = ..., step_cache_warmup: _Optional[float] = ..., step_cache_max_cached_steps: _Optional[int] = ..., glyph_text: _Optional[str] = ..., negative_glyph_text: _Optional[str] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("request_id", "step", "result")

@@ -2,8 +2,9 @@
 
 The official tensors are read lazily (safetensors headers first, then one tensor at a time,
 memory-mapped) and written into one HF-style folder per stage, in shards. Each stage package
-owns its name table (``planner.configuration``, ``dit_worker.official``, ``vae_worker.official``,
-``vae_worker.mammothtok``); this module only routes official tensors to stages. Strict: every
+owns its name table (``planner.configuration``, ``dit_worker.official`` -- the DiT and 2.5's ByT5
+glyph encoder --, ``vae_worker.official``, ``vae_worker.mammothtok``); this module only routes
+official tensors to stages. Strict: every
 official tensor is mapped to exactly one stage or listed in ``IGNORED`` with the reason, and
 every error names the tensor or file.
 
@@ -27,6 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dit_worker import official as dit_official
+from dit_worker.models import glyph_encoder as glyph_models
+from dit_worker.models.transformer_mammoth25 import BYT5_DIM
 from planner.configuration import official_planner_names, planner_config_from_official
 from planner.presets import DEFAULT_CONDITION_LAYERS, PREVIEW_CONDITION_LAYERS
 from planner.tokens import TokenLayout, write_tokenizer_from_official
@@ -401,6 +404,7 @@ def _convert_mammothmoda25(src: Path, dst: Path, shard_bytes: int,
         plan.route(stage, mapping)
         plan.check_complete()
         plans[stage] = plan
+    glyph, ignored = _glyph_encoder_plan(src, dit_cfg)
 
     planner_dir = dst / "planner"
     _write_json(planner_dir / "config.json", planner_cfg)
@@ -440,12 +444,51 @@ def _convert_mammothmoda25(src: Path, dst: Path, shard_bytes: int,
     defaults = {"vae_spatial_compression": int(vae_cfg.get("scale_factor_spatial", 8)),
                 "patch_size": int(dit_cfg.patch_size[1]),
                 "flow_shift": float(_read_json(scheduler).get("shift", 1.0))}
-    ignored = {f"{p}/": "ByT5 glyph encoder: no served stage encodes glyph text yet"
-               for p in ("text_encoder_2", "tokenizer_2") if (src / p).is_dir()}
+    if glyph is not None:  # the DiT's condition encoder for quoted text, beside the DiT
+        glyph_dir = dst / "dit" / glyph_models.SUBFOLDER
+        _write_json(glyph_dir / "config.json", glyph["config"])
+        write_tensors(glyph["plan"].source, glyph["plan"].stages["glyph_encoder"], glyph_dir,
+                      glyph_models.WEIGHTS_STEM, shard_bytes)
+        _copy_files(src / "tokenizer_2", glyph_dir, glyph_models.TOKENIZER_FILES)
+        defaults["glyph_text"] = True  # the ingress hands quoted text to the DiT stage
+        ignored.update(glyph["plan"].ignored)
     merged = Plan(sources["transformer"], ignored=ignored)
     merged.stages = {s: p.stages[s] for s, p in plans.items()}
+    if glyph is not None:
+        merged.stages["glyph_encoder"] = glyph["plan"].stages["glyph_encoder"]
     return {"family": "mammoth25", "preset": preset, "defaults": defaults, "plan": merged,
             "stages": {"planner": "planner", "dit": "dit", "vae": "vae"}}
+
+
+def _glyph_encoder_plan(src: Path, dit_cfg: Any) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """The official ByT5 ``text_encoder_2/`` (+ ``tokenizer_2/``) -> the DiT's glyph encoder, when
+    the DiT has its ``byt5_in`` mapper (as the official pipeline uses it only then); otherwise
+    those folders are ignored with the reason."""
+    parts = [p for p in ("text_encoder_2", "tokenizer_2") if (src / p).is_dir()]
+    if not dit_cfg.enable_byt5:
+        return None, {f"{p}/": "ByT5 glyph encoder: the DiT has no byt5_in mapper (enable_byt5 off), "
+                               "so the official pipeline does not use it" for p in parts}
+    encoder_dir = src / "text_encoder_2"
+    if not (encoder_dir / "config.json").is_file():
+        raise ConvertError(f"{src}: the DiT has a ByT5 mapper (byt5_in.*) but text_encoder_2/config.json is missing")
+    config = {k: v for k, v in _read_json(encoder_dir / "config.json").items() if k != "_name_or_path"}
+    try:
+        t5 = glyph_models.t5_config(config)
+    except ValueError as exc:
+        raise ConvertError(f"{encoder_dir / 'config.json'}: {exc}") from exc
+    if t5.d_model != BYT5_DIM:
+        raise ConvertError(f"{encoder_dir / 'config.json'}: d_model {t5.d_model}, the DiT's byt5_in takes {BYT5_DIM}")
+    plan = Plan(TensorSource(encoder_dir))
+    try:
+        mapping = dit_official.glyph_encoder_names(t5, plan.source.shapes)
+    except ValueError as exc:
+        raise ConvertError(f"text_encoder_2: {exc}") from exc
+    plan.route("glyph_encoder", mapping)
+    aliases = {a: f"tied alias of {n} (the same tensor)" for a, n in dit_official.GLYPH_TIED_ALIAS.items()
+               if a not in mapping.values()}
+    plan.ignore(aliases)
+    plan.check_complete()
+    return {"plan": plan, "config": config}, {}
 
 
 def _convert_mammothmoda2_preview(src: Path, dst: Path, shard_bytes: int, **kw: Any) -> dict[str, Any]:

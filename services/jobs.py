@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import RequestLimits
+from .glyph_text import glyph_text, without_quoted_text
 from .media_formats import DEFAULT_QUALITY, IMAGE_FORMATS, RESIZE_POLICIES, VIDEO_FORMATS
 
 TEMPORAL_COMPRESSION = 4  # video VAE: frames = 4k + 1
@@ -128,10 +129,22 @@ class VideoJob(_LatentSize):
     step_cache_max_cached_steps: int = 3
     spatial: int = 8
     multiple: int = 16
+    # Glyph checkpoints (defaults ``glyph_text``): the ByT5 input of the prompt's / negative
+    # prompt's quoted text (``services.glyph_text``), None without quotes or on other checkpoints.
+    glyph_text: str | None = None
+    negative_glyph_text: str | None = None
+    glyph: bool = False  # the checkpoint renders quoted text: the planner sees it emptied
 
     @property
     def latent_frames(self) -> int:
         return (self.frames - 1) // TEMPORAL_COMPRESSION + 1
+
+    def planner_prompts(self) -> tuple[str, str]:
+        """Prompt and negative prompt as the planner encodes them (official: with the glyph
+        encoder on, quoted spans are emptied, their text reaches the DiT as glyph text)."""
+        if not self.glyph:
+            return self.prompt, self.negative_prompt
+        return without_quoted_text(self.prompt), without_quoted_text(self.negative_prompt)
 
 
 @dataclass
@@ -343,6 +356,7 @@ def video_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
     steps = _opt(msg, "steps")
     fps = _opt(msg, "fps")
     spatial, multiple = geometry(defaults)
+    glyph = bool(defaults.get("glyph_text"))
     return VideoJob(
         request_id=new_request_id("vedit" if edit else "video"),
         prompt=prompt, negative_prompt=negative,
@@ -363,6 +377,8 @@ def video_job(msg: Any, defaults: dict[str, Any], limits: RequestLimits, *, edit
         size_from_source=edit and width is None,
         frames_from_source=frames_from_source,
         spatial=spatial, multiple=multiple,
+        glyph=glyph, glyph_text=glyph_text(prompt) if glyph else None,
+        negative_glyph_text=glyph_text(negative) if glyph else None,
         **step_cache_knobs(msg, defaults),
     )
 

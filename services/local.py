@@ -39,7 +39,7 @@ class LocalStages:
         return await self.planner.plan_image(job, await references if references is not None else None)
 
     def encode_prompts(self, job: VideoJob) -> asyncio.Task:
-        return asyncio.ensure_future(self.planner.encode_prompts(job.prompt, job.negative_prompt))
+        return asyncio.ensure_future(self.planner.encode_prompts(*job.planner_prompts()))
 
     async def encode_references(self, job: ImageJob) -> asyncio.Task:
         task = asyncio.ensure_future(self.vae.encode_references(job))

@@ -36,6 +36,7 @@ from .jobs import (
     check_media,
     check_seed,
     check_size,
+    check_text,
     geometry,
     image_job,
     new_request_id,
@@ -121,8 +122,8 @@ def plan_image_job(request: planner_pb2.PlanImageRequest, defaults: dict[str, An
 
 
 def encode_prompt_request(job: VideoJob) -> planner_pb2.EncodePromptRequest:
-    return planner_pb2.EncodePromptRequest(request_id=job.request_id, prompt=job.prompt,
-                                           negative_prompt=job.negative_prompt)
+    prompt, negative = job.planner_prompts()
+    return planner_pb2.EncodePromptRequest(request_id=job.request_id, prompt=prompt, negative_prompt=negative)
 
 
 def understand_request(job: UnderstandJob) -> generation_pb2.UnderstandRequest:
@@ -245,6 +246,7 @@ def denoise_request(job: ImageJob | VideoJob) -> dit_pb2.DenoiseRequest:
     if isinstance(job, VideoJob):
         request.latent_frames = job.latent_frames
         request.guidance, request.context_guidance = job.guidance, job.context_guidance
+        request.glyph_text, request.negative_glyph_text = job.glyph_text or "", job.negative_glyph_text or ""
     else:
         request.latent_frames = 1
         request.text_guidance, request.image_guidance = job.text_guidance, job.image_guidance
@@ -327,7 +329,18 @@ def video_denoise_job(request: dit_pb2.DenoiseRequest, defaults: dict[str, Any],
         guidance=_or(request, "guidance", defaults.get("guidance", 5.0)),
         context_guidance=_or(request, "context_guidance", defaults.get("context_guidance", 1.0)),
         cfg_range=f.cfg_range, output=OutputSpec("mp4"), preview=request.preview, sigmas=list(request.sigmas) or None,
+        glyph_text=_glyph("glyph_text", request.glyph_text, limits),
+        negative_glyph_text=_glyph("negative_glyph_text", request.negative_glyph_text, limits),
         **step_cache_knobs(request, defaults))
+
+
+def _glyph(name: str, text: str, limits: RequestLimits) -> str | None:
+    """Glyph text, checked like a prompt (characters; length up to what the ingress makes of a
+    longest prompt: ``Text "x". `` per quoted ``"x"``, under 4x); empty: none."""
+    if len(text) > 4 * limits.max_prompt_chars:
+        raise InvalidArgument(name, f"{len(text)} characters exceed the limit {4 * limits.max_prompt_chars}")
+    return check_text(name, text, limits.model_copy(update={"max_prompt_chars": max(len(text), 1)}),
+                      required=False) or None
 
 
 def _or(request: Any, name: str, default: float) -> float:

@@ -28,7 +28,7 @@ from ..families import ModelFamily, get_family
 from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditions, PromptConditions
 from ..stage_messages import denoise_job
 from ..stage_setup import dit_engine_config
-from ..stages.dit import DiTStage
+from ..stages.dit import DiTStage, load_glyph_encoder
 from .common import (
     ApiKeys,
     StageMetrics,
@@ -87,7 +87,8 @@ class DiTDeployment:
             engine = parallel_engine(index.root / "dit", engine_cfg, self.group, world_size=parallel.size,
                                      mode=parallel.mode)
             self.stage = DiTStage(engine, max_batch_requests=max(1, engine_cfg.max_batch_rows // 2),
-                                  batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s, publish=publish)
+                                  batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s, publish=publish,
+                                  glyph_encoder=load_glyph_encoder(index.root / "dit", engine))
         self.metrics = StageMetrics("dit", self.model)
         self.step_time = serve.metrics.Histogram(
             "mammoth_denoise_step_seconds", description="wall time of one denoising step of a request",

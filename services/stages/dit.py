@@ -12,9 +12,11 @@ a caller aborts its request inside the running batch at the next step; the rest 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -24,7 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_worker.checkpoint import CheckpointError
 from dit_worker.engine import DenoiseOutput, DiTEngine, DiTEngineConfig, RequestAborted
+from dit_worker.models.glyph_encoder import SUBFOLDER as GLYPH_SUBFOLDER
+from dit_worker.models.glyph_encoder import GlyphEncoder
 from dit_worker.requests import ImageDenoiseRequest, SamplingParams, VideoDenoiseRequest
 from dit_worker.step_cache import StepCacheParams
 
@@ -32,6 +37,8 @@ from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditio
 from ..jobs import ImageJob, InvalidArgument, VideoJob
 
 Publish = Callable[[np.ndarray], Any]
+log = logging.getLogger(__name__)
+NEGATIVE_GLYPH_CACHE = 32  # distinct negative glyph texts whose ByT5 states are kept
 
 
 def _identity(array: np.ndarray) -> Any:
@@ -53,8 +60,10 @@ class _Pending:
 
 class DiTStage:
     def __init__(self, engine: DiTEngine, *, max_batch_requests: int = 8, batch_wait_timeout_s: float = 0.01,
-                 publish: Publish = _identity):
+                 publish: Publish = _identity, glyph_encoder: GlyphEncoder | None = None):
         self.engine = engine
+        self.glyph_encoder = glyph_encoder  # glyph checkpoints: their ByT5 condition encoder
+        self._negative_glyphs: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self.max_batch_requests = max_batch_requests
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.publish = publish
@@ -73,7 +82,8 @@ class DiTStage:
         """``engine_cls``: the model family's DiT engine (``ModelFamily.engine_class("dit")``)."""
         engine = engine_cls.from_pretrained(model_dir / "dit", config)
         return cls(engine, max_batch_requests=max(1, config.max_batch_rows // 2),
-                   batch_wait_timeout_s=batch_wait_timeout_s, publish=publish)
+                   batch_wait_timeout_s=batch_wait_timeout_s, publish=publish,
+                   glyph_encoder=load_glyph_encoder(model_dir / "dit", engine))
 
     # -- requests ----------------------------------------------------------------------------
     def image_request(self, job: ImageJob, conditions: ImageConditions,
@@ -89,8 +99,8 @@ class DiTStage:
             sampling=_sampling(job),
         )
 
-    def video_request(self, job: VideoJob, conditions: PromptConditions,
-                      source: EncodedMedia | None) -> VideoDenoiseRequest:
+    def video_request(self, job: VideoJob, conditions: PromptConditions, source: EncodedMedia | None,
+                      glyphs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> VideoDenoiseRequest:
         latents = torch.from_numpy(np.asarray(source.latents[0])) if source is not None else None
         negative = conditions.negative
         return VideoDenoiseRequest(
@@ -99,8 +109,29 @@ class DiTStage:
             negative=torch.from_numpy(np.asarray(negative)) if negative is not None else None,
             latent_frames=job.latent_frames, latent_height=job.latent_height, latent_width=job.latent_width,
             source_latents=latents, guidance=job.guidance, context_guidance=job.context_guidance,
-            sampling=_sampling(job),
+            sampling=_sampling(job), glyph=glyphs[0], negative_glyph=glyphs[1],
         )
+
+    async def glyph_states(self, job: VideoJob) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """ByT5 states of the job's glyph text and (when CFG uses it) negative glyph text; none
+        without a glyph encoder (checkpoints without ``enable_byt5`` ignore glyph text)."""
+        text = getattr(job, "glyph_text", None)
+        negative_text = getattr(job, "negative_glyph_text", None) if job.guidance > 1.0 else None
+        if self.glyph_encoder is None or not (text or negative_text):
+            return None, None
+        # Negative prompts repeat across requests: their states are kept (LRU), like the planner's.
+        negative = self._negative_glyphs.get(negative_text) if negative_text else None
+        if negative is not None:
+            self._negative_glyphs.move_to_end(negative_text)
+        todo = [text, negative_text if negative is None else None]
+        if not any(todo):
+            return None, negative
+        glyph, encoded = await asyncio.to_thread(self.glyph_encoder.encode, todo)
+        if encoded is not None:
+            negative = self._negative_glyphs[negative_text] = encoded
+            while len(self._negative_glyphs) > NEGATIVE_GLYPH_CACHE:
+                self._negative_glyphs.popitem(last=False)
+        return glyph, negative
 
     async def denoise(self, job: ImageJob | VideoJob, conditions: Any,
                       media: Any = None) -> AsyncIterator[DenoiseStepEvent | DenoiseDone]:
@@ -113,7 +144,7 @@ class DiTStage:
         if isinstance(job, ImageJob):
             request = self.image_request(job, conditions, media)
         else:
-            request = self.video_request(job, conditions, media)
+            request = self.video_request(job, conditions, media, await self.glyph_states(job))
         # The engine keys requests by id: two callers reusing one id must not share a slot.
         self._serial += 1
         request.request_id = f"{job.request_id}#{self._serial}"
@@ -265,6 +296,25 @@ class DiTStage:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+
+
+def load_glyph_encoder(dit_dir: Path, engine: DiTEngine) -> GlyphEncoder | None:
+    """``<model>/dit/glyph_encoder`` on the engine's device and dtype, when the DiT takes glyph
+    states (``enable_byt5``); None otherwise. A glyph DiT converted without its encoder serves
+    without glyph text (as its ingress, without ``glyph_text`` in the defaults, sends none)."""
+    glyph_dim = getattr(engine.family, "glyph_dim", None)
+    glyph_dim = glyph_dim(engine.model.config) if glyph_dim is not None else None
+    if glyph_dim is None:
+        return None
+    directory = Path(dit_dir) / GLYPH_SUBFOLDER
+    if not directory.is_dir():
+        log.warning("%s: the DiT has a ByT5 glyph mapper but no glyph encoder; quoted text is not rendered "
+                    "(re-run mammoth convert)", dit_dir)
+        return None
+    encoder = GlyphEncoder.from_pretrained(directory, device=engine.config.device, dtype=engine.dtype)
+    if encoder.dim != glyph_dim:
+        raise CheckpointError(f"{directory}: glyph encoder width {encoder.dim}, the DiT's byt5_in takes {glyph_dim}")
+    return encoder
 
 
 def _sampling(job: ImageJob | VideoJob) -> SamplingParams:

@@ -302,8 +302,10 @@ REFINER = dict(vlm_dim=128, transformer_config={"hidden_size": 128, "num_heads":
 
 
 def official_wan_shapes(byt5: bool = False) -> dict[str, tuple[int, ...]]:
-    """``transformer/`` of an official MammothModa2.5 checkpoint for ``WAN`` / ``MOE`` / ``REFINER``."""
+    """``transformer/`` of an official MammothModa2.5 checkpoint for ``WAN`` / ``MOE`` / ``REFINER``;
+    ``byt5``: the glyph variant (``byt5_in``, whose fixed 4096 output sets ``text_dim``)."""
     d = WAN["num_attention_heads"] * WAN["attention_head_dim"]
+    text_dim = BYT5_TEXT_DIM if byt5 else WAN["text_dim"]
     out = WAN["out_channels"] * 4
     s = {"patch_embedding.weight": (d, WAN["in_channels"], 1, 2, 2), "patch_embedding.bias": (d,),
          "condition_embedder.time_embedder.linear_1.weight": (d, 256),
@@ -312,7 +314,7 @@ def official_wan_shapes(byt5: bool = False) -> dict[str, tuple[int, ...]]:
          "condition_embedder.time_embedder.linear_2.bias": (d,),
          "condition_embedder.time_proj.weight": (6 * d, d), "condition_embedder.time_proj.bias": (6 * d,),
          "proj_out.weight": (out, d), "proj_out.bias": (out,), "scale_shift_table": (1, 2, d),
-         "in_context_proj.weight": (d, WAN["text_dim"]), "in_context_proj.bias": (d,), "vlm_pos_embed": (1, 512, d)}
+         "in_context_proj.weight": (d, text_dim), "in_context_proj.bias": (d,), "vlm_pos_embed": (1, 512, d)}
     e, f = MOE["num_moe_experts"], MOE["ffn_hidden_size"]
     for i in range(WAN["num_layers"]):
         b = f"blocks.{i}"
@@ -337,6 +339,8 @@ def official_wan_shapes(byt5: bool = False) -> dict[str, tuple[int, ...]]:
                   f"{c}.self_attn.out_proj.weight": (h, h), f"{c}.self_attn.out_proj.bias": (h,),
                   f"{c}.ffn.0.weight": (ffn, h), f"{c}.ffn.0.bias": (ffn,), f"{c}.ffn.3.weight": (h, ffn),
                   f"{c}.ffn.3.bias": (h,)})
+    if text_dim != h:  # VLMTokenRefiner: a last Linear(hidden -> text_dim) after the layers
+        s.update({"converter_mlp.connector.5.weight": (text_dim, h), "converter_mlp.connector.5.bias": (text_dim,)})
     if byt5:
         s.update({"byt5_in.layernorm.weight": (1472,), "byt5_in.layernorm.bias": (1472,),
                   "byt5_in.fc1.weight": (4096, 1472), "byt5_in.fc1.bias": (4096,),
@@ -345,8 +349,31 @@ def official_wan_shapes(byt5: bool = False) -> dict[str, tuple[int, ...]]:
     return s
 
 
-def write_official_mammothmoda25(directory: Path, *, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """An official MammothModa2.5-layout diffusers folder; returns {part: tensors}."""
+# A tiny ByT5 ``text_encoder_2`` (transformers ``T5EncoderModel``; d_model is the mapper's 1472).
+BYT5 = dict(vocab_size=384, d_model=1472, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False, model_type="t5")
+BYT5_TEXT_DIM = 4096
+
+
+def official_byt5_shapes() -> dict[str, tuple[int, ...]]:
+    """``text_encoder_2/``: transformers' T5 encoder names, the tied input embedding as
+    ``shared.weight`` only (what ``save_pretrained`` writes)."""
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**BYT5))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+
+
+def write_official_mammothmoda25(directory: Path, *, seed: int = 0, byt5: bool = False,
+                                 text_encoder_2: bool | None = None,
+                                 byt5_extra: dict[str, tuple[int, ...]] | None = None,
+                                 byt5_drop: tuple[str, ...] = ()) -> dict[str, dict[str, torch.Tensor]]:
+    """An official MammothModa2.5-layout diffusers folder; returns {part: tensors}. ``byt5``: the
+    glyph DiT (``byt5_in``); ``text_encoder_2`` (default: as ``byt5``): the ByT5 encoder and
+    tokenizer folders (``byt5_extra`` / ``byt5_drop`` add or remove encoder tensors)."""
+    text_encoder_2 = byt5 if text_encoder_2 is None else text_encoder_2
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     llm = planner_stage_config("tiny-mammoth25")
@@ -357,15 +384,26 @@ def write_official_mammothmoda25(directory: Path, *, seed: int = 0) -> dict[str,
     with torch.device("meta"):
         text_shapes = {k: tuple(v.shape) for k, v in Qwen3VLForConditionalGeneration(qwen).state_dict().items()}
     vae_cfg = vae_stage_config("tiny-mammoth25")
-    parts = {"text_encoder": _random(text_shapes, seed), "transformer": _random(official_wan_shapes(), seed + 1),
+    wan = {**WAN, "text_dim": BYT5_TEXT_DIM, "enable_byt5": True} if byt5 else WAN
+    parts = {"text_encoder": _random(text_shapes, seed),
+             "transformer": _random(official_wan_shapes(byt5=byt5), seed + 1),
              "vae": _random(_vae_shapes(vae_cfg), seed + 2)}
     configs = {"text_encoder": {**qwen.to_dict(), "architectures": ["Qwen3VLForConditionalGeneration"]},
-               "transformer": {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.35.1", **WAN},
+               "transformer": {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.35.1", **wan},
                "vae": vae_cfg}
+    if text_encoder_2:
+        from transformers import ByT5Tokenizer
+
+        shapes = {**official_byt5_shapes(), **(byt5_extra or {})}
+        for name in byt5_drop:
+            shapes.pop(name)
+        parts["text_encoder_2"] = _random(shapes, seed + 3)
+        configs["text_encoder_2"] = {**BYT5, "architectures": ["T5EncoderModel"], "torch_dtype": "float32"}
+        ByT5Tokenizer().save_pretrained(str(directory / "tokenizer_2"))
     for part, tensors in parts.items():
         (directory / part).mkdir(parents=True, exist_ok=True)
         (directory / part / "config.json").write_text(json.dumps(configs[part], indent=2))
-        stem = "model" if part == "text_encoder" else "diffusion_pytorch_model"
+        stem = "model" if part.startswith("text_encoder") else "diffusion_pytorch_model"
         _save_sharded(tensors, directory / part, stem, shards=2)
     (directory / "scheduler").mkdir()
     (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(
