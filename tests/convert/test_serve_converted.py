@@ -1,6 +1,7 @@
 """Serve text-to-image, editing and understanding from a directory ``mammoth convert`` wrote
 from an official-layout checkpoint: the same stage services and flows as the served pipeline
-(``services.local``: vLLM planner, DiT engine, VAE stage), minus Ray."""
+(``services.local``: vLLM planner, DiT engine, VAE stage), minus Ray. The 2.5 checkpoint has the
+ByT5 glyph encoder: quoted text leaves the planner's prompt and reaches the DiT as ByT5 states."""
 
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def served25(tmp_path_factory):
     from .official_layout import MOE, REFINER, write_official_mammothmoda25
 
     src = tmp_path_factory.mktemp("official25")
-    write_official_mammothmoda25(src)
+    write_official_mammothmoda25(src, byt5=True)  # with the ByT5 glyph encoder: the glyph tests below
     model = convert(src, tmp_path_factory.mktemp("served25") / "model", "mammothmoda25",
                     dit_overrides={"moe": MOE, "refiner": REFINER})
     cfg = ServeConfig.loads(f"models:\n  video: {{path: {model.root}}}\n")
@@ -180,3 +181,65 @@ def test_text_to_video_from_a_converted_25_checkpoint(served25):
     msg = generation_pb2.GenerateVideoRequest(prompt="waves on a beach", width=64, height=64, frames=5, steps=2, seed=1)
     result = _run(loop, flows.text_to_video(stages, video_job(msg, model.defaults, cfg.ingress.limits, edit=False)))[-1]
     assert isinstance(result, flows.Result) and result.steps == 2 and result.media.data
+
+
+# ---------------------------------------------------------------------------- 2.5 glyph text (ByT5)
+
+
+def _job(model, cfg, prompt: str):
+    from protos import generation_pb2
+    from services.jobs import video_job
+
+    msg = generation_pb2.GenerateVideoRequest(prompt=prompt, negative_prompt='"blurry"', width=64, height=64,
+                                              frames=5, steps=2, seed=1, guidance=3.0)
+    return video_job(msg, model.defaults, cfg.ingress.limits, edit=False)
+
+
+def test_quoted_text_leaves_the_planner_prompt_and_reaches_the_dit_as_byt5_states(served25, monkeypatch):
+    from services import flows
+
+    loop, stages, model, cfg = served25
+    planner_saw, dit_saw = [], []
+    encode, glyph_states = stages.planner.encode_prompts, stages.dit.glyph_states
+
+    async def spy_encode(prompt, negative):
+        planner_saw.append((prompt, negative))
+        return await encode(prompt, negative)
+
+    async def spy_glyph(job):
+        states = await glyph_states(job)
+        dit_saw.append(states)
+        return states
+
+    monkeypatch.setattr(stages.planner, "encode_prompts", spy_encode)
+    monkeypatch.setattr(stages.dit, "glyph_states", spy_glyph)
+    job = _job(model, cfg, 'a shop window with a sign "OPEN"')
+
+    async def collect():
+        return [event async for event in flows.text_to_video(stages, job)]
+
+    result = loop.run_until_complete(collect())[-1]
+    assert isinstance(result, flows.Result) and result.steps == 2 and result.media.data
+    assert planner_saw == [('a shop window with a sign ""', '""')]
+    glyph, negative = dit_saw[0]
+    assert glyph.shape == (len(b'Text "OPEN". ') + 1, 1472) and negative.shape == (len(b'Text "blurry". ') + 1, 1472)
+
+
+def test_glyph_states_change_the_video_latents(served25):
+    """The same request (same planner conditions) with and without its glyph text."""
+    loop, stages, model, cfg = served25
+    job = _job(model, cfg, 'a poster that says "SALE"')
+
+    async def latents(job, conditions):
+        events = [event async for event in stages.dit.denoise(job, conditions)]
+        return np.asarray(events[-1].latents)
+
+    async def encode():
+        return await stages.encode_prompts(job)
+
+    conditions = loop.run_until_complete(encode())
+    with_glyph = loop.run_until_complete(latents(job, conditions))
+    job.glyph_text = job.negative_glyph_text = None
+    without = loop.run_until_complete(latents(job, conditions))
+    assert with_glyph.shape == without.shape == (16, 2, 8, 8)
+    assert not np.allclose(with_glyph, without)
