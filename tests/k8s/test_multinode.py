@@ -38,10 +38,12 @@ DEPLOY_TIMEOUT_S = 1800
 
 
 def _test_config(models_dir: Path) -> ServeConfig:
-    """The CPU profile with this machine's free ports and a shared tiny-model directory."""
+    """The CPU profile with this machine's free ports and a shared tiny-model directory, serving its
+    image model only (the requests below are image ones; a second vLLM start-up would only add minutes)."""
     data = profile_config("cpu").to_dict()
     data["ingress"].update(grpc_port=free_port(), http_port=free_port())
-    data["models"] = {name: {**m, "cache_dir": str(models_dir)} for name, m in data["models"].items()}
+    data["models"] = {name: {**m, "cache_dir": str(models_dir)} for name, m in data["models"].items()
+                      if name == "image"}
     return ServeConfig.from_dict(data)
 
 
