@@ -36,7 +36,7 @@ import torch
 from mammoth_common.cpu import engine_dtype
 
 from .checkpoint import CONFIG_NAME, CheckpointError, load_state_into
-from .families import Family, config_class_for, family_for
+from .families import Family, condition_to, config_class_for, family_for
 from .guidance import GuidanceChain, combine
 from .models.attention import set_attention_backend
 from .models.compilation import compile_repeated_blocks
@@ -251,15 +251,7 @@ class DiTEngine:
         return prepared
 
     def _to_device(self, condition: Any) -> Any:
-        """Move a condition dataclass's tensors (and lists of tensors) to the engine's device/dtype."""
-        moved = {}
-        for name, value in vars(condition).items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
-            elif isinstance(value, list):
-                value = [v.to(self.device, self.dtype) if isinstance(v, torch.Tensor) else v for v in value]
-            moved[name] = value
-        return type(condition)(**moved)
+        return condition_to(condition, self.device, self.dtype)
 
     @torch.inference_mode()
     def _step(self, active: list[_Active], prepared: Any, results: dict, progress: ProgressFn | None) -> list[_Active]:

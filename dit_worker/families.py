@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,19 @@ from .sampling import FlowMatchSampler, image_sampler, video_sampler
 
 SCHEDULER_DIR = "scheduler"
 
+
+
+def condition_to(condition: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A condition dataclass with its tensors (and lists of tensors) on ``device``; floating
+    tensors in ``dtype``, index tensors keep theirs."""
+    moved = {}
+    for name, value in vars(condition).items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype if value.is_floating_point() else value.dtype)
+        elif isinstance(value, list):
+            value = [v.to(device, dtype) if isinstance(v, torch.Tensor) else v for v in value]
+        moved[name] = value
+    return type(condition)(**moved)
 
 @dataclass(frozen=True)
 class ImageFamily:

@@ -196,7 +196,7 @@ def _client(args: argparse.Namespace):
 
 def _generation_options(args: argparse.Namespace) -> dict:
     options = {"steps": args.steps, "seed": args.seed, "guidance": args.guidance,
-               "negative_prompt": args.negative_prompt}
+               "negative_prompt": args.negative_prompt, "model": args.model}
     if args.size:
         width, _, height = args.size.lower().partition("x")
         options["width"], options["height"] = int(width), int(height)
@@ -256,7 +256,8 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     client = _client(args)
     media = [(_media_kind(p), Path(p).read_bytes()) for p in args.media]
     try:
-        for delta in client.ask(args.question, media, max_tokens=args.max_tokens, seed=args.seed):
+        for delta in client.ask(args.question, media, max_tokens=args.max_tokens, seed=args.seed,
+                                model=args.model):
             sys.stdout.write(delta)
             sys.stdout.flush()
     except ClientError as exc:
@@ -280,6 +281,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://localhost:8000", help="HTTP base URL")
     p.add_argument("--api-key", default=None, help="API key (if the server requires one)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    p.add_argument("--model", help="a served model's name (GET /v1/models); default: the task's default model")
 
 
 def _generation_args(p: argparse.ArgumentParser, *, video: bool = False) -> None:

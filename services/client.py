@@ -157,12 +157,13 @@ class MammothClient:
                              progress)
 
     def ask(self, question: str, media: list[tuple[str, bytes]] = (), *, max_tokens: int = 128,
-            seed: int | None = None) -> Iterator[str]:
-        """Stream the answer's text deltas; ``media`` is a list of ("image"|"video", bytes)."""
+            seed: int | None = None, model: str | None = None) -> Iterator[str]:
+        """Stream the answer's text deltas; ``media`` is a list of ("image"|"video", bytes);
+        ``model``: a served model's name (None: the server's default for understanding)."""
         if self.use_http:
-            yield from self._http_ask(question, media, max_tokens, seed)
+            yield from self._http_ask(question, media, max_tokens, seed, model)
             return
-        request = generation_pb2.UnderstandRequest(max_tokens=max_tokens)
+        request = generation_pb2.UnderstandRequest(max_tokens=max_tokens, model=model or "")
         if seed is not None:
             request.seed = seed
         message = request.messages.add(role="user")
@@ -224,7 +225,8 @@ class MammothClient:
 
         body = {k: v for k, v in {"prompt": prompt, "size": _size(options), "frames": options.get("frames"),
                                   "fps": options.get("fps"), "steps": options.get("steps"),
-                                  "seed": options.get("seed"), "guidance_scale": options.get("guidance")}.items()
+                                  "seed": options.get("seed"), "guidance_scale": options.get("guidance"),
+                                  "model": options.get("model")}.items()
                 if v is not None}
         if video is not None:
             body["video"] = base64.b64encode(video).decode()
@@ -248,7 +250,7 @@ class MammothClient:
         raise ClientError("DEADLINE_EXCEEDED", "video did not finish in time")
 
     def _http_ask(self, question: str, media: list[tuple[str, bytes]], max_tokens: int,
-                  seed: int | None) -> Iterator[str]:
+                  seed: int | None, model: str | None) -> Iterator[str]:
         import httpx
 
         content: list[dict[str, Any]] = []
@@ -260,6 +262,8 @@ class MammothClient:
         body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "stream": True}
         if seed is not None:
             body["seed"] = seed
+        if model:
+            body["model"] = model
         with httpx.stream("POST", self.http_url + "/v1/chat/completions", json=body, headers=self._headers(),
                           timeout=self.timeout_s) as response:
             if response.status_code != 200:
@@ -283,7 +287,7 @@ def _size(options: dict[str, Any]) -> str | None:
 
 
 def _image_options(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("width", "height", "steps", "seed", "negative_prompt", "num_images")
+    keys = ("width", "height", "steps", "seed", "negative_prompt", "num_images", "model")
     out = {k: options[k] for k in keys if options.get(k) is not None}
     if options.get("guidance") is not None:
         out["text_guidance"] = options["guidance"]
@@ -291,14 +295,14 @@ def _image_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _video_options(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("width", "height", "steps", "seed", "frames", "fps", "negative_prompt", "guidance")
+    keys = ("width", "height", "steps", "seed", "frames", "fps", "negative_prompt", "guidance", "model")
     return {k: options[k] for k in keys if options.get(k) is not None}
 
 
 def _http_image_body(prompt: str, options: dict[str, Any]) -> dict[str, Any]:
     body = {"prompt": prompt, "size": _size(options), "steps": options.get("steps"), "seed": options.get("seed"),
             "guidance_scale": options.get("guidance"), "negative_prompt": options.get("negative_prompt"),
-            "n": options.get("num_images")}
+            "n": options.get("num_images"), "model": options.get("model")}
     return {k: v for k, v in body.items() if v is not None}
 
 

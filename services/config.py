@@ -255,6 +255,10 @@ class VideoJobSettings(_Section):
 class IngressSettings(DeploymentSettings):
     max_ongoing_requests: PositiveInt = 32  # the ingress only awaits the stages
     max_queued_requests: Annotated[int, Field(ge=-1)] = 256
+    # Requests Serve's proxy holds while it routes them to an ingress replica (beyond: Serve's own
+    # plain-text 429). The ingress refuses beyond its bounds at once, so this only has to absorb a
+    # burst's arrival: keep it well above the largest burst, never near max_queued_requests.
+    proxy_max_queued_requests: PositiveInt = 4096
     ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.1))
     host: str = "0.0.0.0"
     http_port: Port = 8000

@@ -93,6 +93,8 @@ def deployment_config(name: str, section: DeploymentSettings, *, shutdown_grace_
         # the ingress enforces its bounds itself (services.apps.admission: 429 JSON); Serve delivers
         # its queue too, plus room for probes, health watches and job reads
         out["max_ongoing_requests"] += max(section.max_queued_requests, 0) + INGRESS_HEADROOM
+        # a burst arrives faster than Serve's router learns replica capacity: it queues here a moment
+        out["max_queued_requests"] = section.proxy_max_queued_requests
     out["ray_actor_options"] = _actor_options(section)
     if shutdown_grace_s is not None:
         out["graceful_shutdown_timeout_s"] = shutdown_grace_s

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dit_worker.families import condition_to
 from dit_worker.models.attention import set_attention_backend
 
 from .expert import ExpertParallelMoE
@@ -93,14 +94,7 @@ class RankWorker:
 
     # -- one step ---------------------------------------------------------------------------
     def _to_device(self, condition: Any) -> Any:
-        moved = {}
-        for name, value in vars(condition).items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
-            elif isinstance(value, list):
-                value = [v.to(self.device, self.dtype) if isinstance(v, torch.Tensor) else v for v in value]
-            moved[name] = value
-        return type(condition)(**moved)
+        return condition_to(condition, self.device, self.dtype)
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> torch.Tensor | None:
