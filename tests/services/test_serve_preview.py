@@ -55,8 +55,10 @@ models:
   converted-dev: {{path: {dev.root}}}
 ingress: {{grpc_port: {_free_port()}, http_port: {_free_port()}, host: 127.0.0.1,
           limits: {{max_width: 256, max_height: 256, max_steps: 20}}}}
-dit: {{engine: {{batch_wait_timeout_s: 0.2}}}}
-""")
+planner: {{ray_actor_options: {{num_cpus: 0.1}}}}
+dit: {{engine: {{batch_wait_timeout_s: 0.2}}, ray_actor_options: {{num_cpus: 0.1}}}}
+vae: {{ray_actor_options: {{num_cpus: 0.1}}}}
+""")  # three models' nine stage replicas within a 2-CPU machine's Ray resources
     serve_up(cfg)
     try:
         yield cfg
