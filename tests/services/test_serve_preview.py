@@ -3,8 +3,7 @@
 One Serve deployment for the module with two Preview models: ``preview`` (the
 ``tiny-mammoth2-preview`` preset, the default for every image task) and ``converted`` (a
 directory ``mammoth convert --from mammothmoda2-preview`` wrote from an official-layout
-checkpoint), each with its own Qwen2.5-VL planner on vLLM, DiT and VAE applications, beside a
-converted official MammothModa2-Dev checkpoint (``converted-dev``, with MammothTok): two models
+checkpoint), each with its own Qwen2.5-VL planner on vLLM, DiT and VAE applications: two models
 of one family side by side, so this module also checks that a request's ``model`` picks its own
 model's stages.
 """
@@ -39,26 +38,22 @@ def _free_port() -> int:
 def served(tmp_path_factory):
     from services.convert import convert
     from services.deploy import serve_down, serve_up
-    from tests.convert.official_layout import write_official_mammothmoda2, write_official_mammothmoda2_preview
+    from tests.convert.official_layout import write_official_mammothmoda2_preview
 
     src = tmp_path_factory.mktemp("official-preview")
     write_official_mammothmoda2_preview(src)
     converted = convert(src, tmp_path_factory.mktemp("converted") / "model", "mammothmoda2-preview")
-    dev_src = tmp_path_factory.mktemp("official-dev")
-    write_official_mammothmoda2(dev_src)
-    dev = convert(dev_src, tmp_path_factory.mktemp("converted-dev") / "model", "mammothmoda2")
     cache = tmp_path_factory.mktemp("models")
     cfg = ServeConfig.loads(f"""
 models:
   preview: {{preset: tiny-mammoth2-preview, cache_dir: {cache}}}
   converted: {{path: {converted.root}}}
-  converted-dev: {{path: {dev.root}}}
 ingress: {{grpc_port: {_free_port()}, http_port: {_free_port()}, host: 127.0.0.1,
           limits: {{max_width: 256, max_height: 256, max_steps: 20}}}}
 planner: {{ray_actor_options: {{num_cpus: 0.1}}}}
 dit: {{engine: {{batch_wait_timeout_s: 0.2}}, ray_actor_options: {{num_cpus: 0.1}}}}
 vae: {{ray_actor_options: {{num_cpus: 0.1}}}}
-""")  # three models' nine stage replicas within a 2-CPU machine's Ray resources
+""")  # the stage replicas well within a 2-CPU machine's Ray resources
     serve_up(cfg)
     try:
         yield cfg
@@ -135,21 +130,7 @@ def test_the_converted_official_checkpoint_serves_every_image_task(stub, http):
     assert chat.json()["choices"][0]["message"]["content"]
 
     listed = {m["id"]: m["family"] for m in http.get("/v1/models").json()["data"]}
-    assert listed == {"preview": "mammoth2-preview", "converted": "mammoth2-preview", "converted-dev": "mammoth2"}
-
-
-@pytest.mark.parametrize("use_http", [False, True], ids=["grpc", "http"])
-def test_a_converted_official_dev_checkpoint_edits_with_mammothtok_references(served, use_http):
-    """The Dev conversion has ``vae/mammothtok/``: each edit reference is tokenized by the VAE stage
-    and reaches the planner (another Serve application) as visual tokens, over both transports."""
-    client = _client(served, use_http)
-    image = client.generate_image("a green kite", seed=5, steps=2, width=64, height=64, model="converted-dev")
-    assert _size(image.data) == (64, 64)
-    edited = client.edit_image([image.data, _png(96, 64)], "make it red", seed=5, steps=2, model="converted-dev")
-    assert _size(edited.data) == (64, 64)  # the first reference's size; the second is fitted to it
-    answer = list(client.ask("What is in this picture?", [("image", edited.data)], max_tokens=4, seed=1,
-                             model="converted-dev"))
-    assert "".join(answer)
+    assert listed == {"preview": "mammoth2-preview", "converted": "mammoth2-preview"}
 
 
 # ---------------------------------------------------------------------------- model routing
