@@ -54,15 +54,19 @@ def save_pretrained(model: nn.Module, config: DataclassConfig, directory: str | 
     return directory
 
 
-def read_config(config_cls: type[C], directory: str | Path) -> C:
+def read_config_json(directory: str | Path) -> dict:
+    """``<directory>/config.json`` as a dict; a missing or broken file is a ``CheckpointError``."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"missing {CONFIG_NAME} in {directory}")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    return config_cls.from_dict(data)
+
+
+def read_config(config_cls: type[C], directory: str | Path) -> C:
+    return config_cls.from_dict(read_config_json(directory))
 
 
 def _weight_files(directory: Path, stem: str = WEIGHTS_STEM) -> dict[str, Path]:

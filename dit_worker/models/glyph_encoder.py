@@ -15,7 +15,6 @@ and the official ByT5 tokenizer files when the checkpoint ships them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from dit_worker.checkpoint import CONFIG_NAME, CheckpointError, load_state_into
+from dit_worker.checkpoint import CheckpointError, load_state_into, read_config_json
 
 SUBFOLDER = "glyph_encoder"  # under the DiT stage's folder
 WEIGHTS_STEM = "model"
@@ -69,14 +68,7 @@ class GlyphEncoder(nn.Module):
                         dtype: torch.dtype | None = None) -> GlyphEncoder:
         """Strict: every tensor of the config present with its shape, nothing else; errors name it."""
         directory = Path(directory)
-        path = directory / CONFIG_NAME
-        if not path.is_file():
-            raise CheckpointError(f"missing {CONFIG_NAME} in {directory}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-        config = t5_config(data)
+        config = t5_config(read_config_json(directory))
         with torch.device("meta"):
             model = T5EncoderModel(config)
         if dtype != torch.float16:  # transformers keeps T5's ``wo`` in fp32 for fp16 only (bf16: cast)
