@@ -53,5 +53,7 @@ def tokenizer_input(pixels: np.ndarray, patch: int) -> torch.Tensor:
 
 def encode_reference(tokenizer: MammothTokEncoder, pixels: np.ndarray) -> np.ndarray:
     """One fitted reference -> int32 ``[rows, cols]`` codes (row-major, as the prompt reads them)."""
-    codes = tokenizer(tokenizer_input(pixels, tokenizer.config.patch_size))[0]
+    device = next(tokenizer.parameters()).device  # on CUDA the tokenizer sits on the GPU, pixels come from numpy
+    with torch.inference_mode():
+        codes = tokenizer(tokenizer_input(pixels, tokenizer.config.patch_size).to(device))[0]
     return np.ascontiguousarray(codes.cpu().numpy().astype(np.int32))
