@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import ServeConfig
-from .render import INGRESS_APP, render_serve_config
+from .config import ConfigError, ServeConfig
+from .render import INGRESS_APP, cluster_env, render_serve_config, resource_shortfall
 from .stage_setup import ensure_model
 
 logger = logging.getLogger("mammoth.deploy")
@@ -46,15 +46,21 @@ def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True,
     for name in cfg.models:  # build tiny checkpoints once, before replicas race to do it
         ensure_model(cfg, name)
     rendered = render_serve_config(cfg)
+    started_here = not ray.is_initialized() and address is None and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         # Replicas import torch at once; keep each of them to its share of a small machine.
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        # The Serve gRPC proxy refuses bigger messages before reading them whole (its default is 2 GiB).
-        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cfg.ingress.limits.max_request_bytes))
+        for name, value in cluster_env(cfg).items():  # read by Serve's proxies (a local cluster inherits them)
+            os.environ.setdefault(name, value)
         ray.init(address=address, namespace="mammoth", include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True)
     if after_ray_init is not None:
         after_ray_init()
+    shortfall = resource_shortfall(rendered, ray.cluster_resources())
+    if shortfall and started_here:  # a fixed, local cluster: the deploy would wait forever
+        raise ConfigError(shortfall)
+    if shortfall:  # a cluster that may autoscale: say why the deploy may wait
+        logger.warning("the applications may not all start yet: %s", shortfall)
     grpc = rendered["grpc_options"]
     serve.start(
         http_options={"host": rendered["http_options"]["host"], "port": rendered["http_options"]["port"],

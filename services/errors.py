@@ -10,11 +10,9 @@ trace under the request id the client also sees.
 Two answers never pass through here, because Serve's proxy gives them itself: a request beyond
 Serve's own queue bound (the ingress bounds generations first, ``services.apps.admission``, so
 callers get our 429 JSON / RESOURCE_EXHAUSTED), and a request whose ingress replica died while
-holding it (SIGKILL, OOM): Ray Serve 2.60's proxy maps that ``ActorDiedError`` to HTTP 500 with
-the body "Internal Server Error" and gRPC INTERNAL (``ray.serve._private.http_util.
-get_http_response_status`` / ``grpc_util.get_grpc_response_status``; ``BackpressureConfig`` covers
-only backpressure and no option changes this). The stage replicas' deaths are 503 / UNAVAILABLE
-(or retried) because the ingress catches them.
+holding it (SIGKILL, OOM): ``services.proxy_errors``, loaded into Serve's proxies, makes that a
+JSON 503 / UNAVAILABLE. The stage replicas' deaths are 503 / UNAVAILABLE (or retried) because
+the ingress catches them.
 """
 
 from __future__ import annotations

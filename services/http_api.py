@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -511,10 +511,13 @@ def sse(payload: dict[str, Any] | str, event: str | None = None) -> str:
 # ------------------------------------------------------------------------------ ASGI guards
 
 
-async def _send_json(send: Any, status: int, message: str, kind: str, param: str | None) -> None:
+async def send_json_error(send: Any, status: int, message: str, kind: str, param: str | None,
+                          headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """One complete ASGI answer in OpenAI's error shape (for middleware, before any app ran)."""
     body = json.dumps(error_body(message, kind, param, ERROR_CODES.get(status))).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -531,7 +534,7 @@ class RequireKey:
             try:
                 self.check(Headers(scope=scope))
             except Unauthenticated as exc:
-                await _send_json(send, 401, str(exc), "authentication_error", None)
+                await send_json_error(send, 401, str(exc), "authentication_error", None)
                 return
         await self.app(scope, receive, send)
 
@@ -551,7 +554,7 @@ class LimitedBody:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             message = (f"body: request exceeds the limit of {self.max_bytes} bytes" if length.isdigit()
                        else "body: invalid Content-Length")
-            await _send_json(send, 413 if length.isdigit() else 400, message, "invalid_request_error", "body")
+            await send_json_error(send, 413 if length.isdigit() else 400, message, "invalid_request_error", "body")
             return
         seen = 0
 

@@ -104,6 +104,20 @@ def deployment_config(name: str, section: DeploymentSettings, *, shutdown_grace_
     return out
 
 
+PROXY_CALLBACK = "services.proxy_errors:middlewares"  # Serve's HTTP proxy callback (services.proxy_errors)
+GRPC_GUARD = "services.proxy_errors.add_dead_ingress_guard"  # the gRPC proxy's (services.proxy_errors)
+
+
+def cluster_env(cfg: ServeConfig) -> dict[str, str]:
+    """Environment every Ray node needs at start, for what Serve's proxies read only from env vars:
+    the gRPC proxy refuses messages over the request limit before reading them whole (its default
+    is 2 GiB), and the HTTP proxy loads our error middleware (``services.proxy_errors``)."""
+    return {
+        "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(cfg.ingress.limits.max_request_bytes),
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
+    }
+
+
 def stage_env_vars(cfg: ServeConfig, stage: str) -> dict[str, str]:
     """Environment of one application's replicas: engine settings that only exist as env vars."""
     section: DeploymentSettings = cfg.ingress if stage == INGRESS_APP.name else getattr(cfg, stage)
@@ -172,7 +186,7 @@ def _application(cfg: ServeConfig, spec: AppSpec, section: DeploymentSettings, r
 
 
 def grpc_servicer_functions(cfg: ServeConfig) -> list[str]:
-    functions = [INGRESS_APP.servicer]
+    functions = [GRPC_GUARD, INGRESS_APP.servicer]  # the guard first: it wraps what the others register
     if cfg.ingress.grpc_health:
         functions.append(HEALTH_SERVICER)
     if cfg.ingress.expose_stages:
@@ -213,6 +227,49 @@ def render_serve_config(cfg: ServeConfig, *, validate: bool = True) -> dict[str,
     if validate:
         validate_serve_config(out)
     return out
+
+
+def starting_resources(rendered: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """What each application's replicas reserve at start (``{app: {resource: amount}}``), as Serve
+    schedules them: the starting replica count (``num_replicas``, else the autoscaler's
+    ``initial_replicas`` or ``min_replicas``) times one replica's actor options, or its placement
+    group's bundles where it has one (the replica actor sits in bundle 0). Serve's default
+    replica reserves one CPU."""
+    out: dict[str, dict[str, float]] = {}
+    for app in rendered["applications"]:
+        need = out.setdefault(app["name"], {})
+        for deployment in app["deployments"]:
+            scaling = deployment.get("autoscaling_config") or {}
+            replicas = deployment.get("num_replicas")
+            if not isinstance(replicas, int):
+                replicas = scaling.get("initial_replicas") or scaling.get("min_replicas", 1)
+            options = deployment.get("ray_actor_options") or {}
+            bundles = deployment.get("placement_group_bundles") or [{
+                "CPU": options.get("num_cpus", 1.0), "GPU": options.get("num_gpus") or 0.0,
+                **(options.get("resources") or {})}]
+            for bundle in bundles:
+                for resource, amount in bundle.items():
+                    if amount:
+                        need[resource] = need.get(resource, 0.0) + replicas * float(amount)
+    return out
+
+
+def resource_shortfall(rendered: dict[str, Any], available: dict[str, float]) -> str | None:
+    """Why the starting replicas cannot all be placed on a cluster with ``available`` resources
+    (``ray.cluster_resources()``), or None when they fit in total. A deploy that does not fit
+    waits for resources forever; on a fixed cluster that is a config error."""
+    per_app = starting_resources(rendered)
+    total: dict[str, float] = {}
+    for need in per_app.values():
+        for resource, amount in need.items():
+            total[resource] = total.get(resource, 0.0) + amount
+    short = {r: (need, float(available.get(r, 0.0))) for r, need in total.items()
+             if need > float(available.get(r, 0.0)) + 1e-9}
+    if not short:
+        return None
+    lines = [f"{r}: the replicas need {need:g} at start, the Ray cluster has {have:g}" for r, (need, have) in short.items()]
+    by_app = ", ".join(f"{app} {need[r]:g}" for r in short for app, need in per_app.items() if need.get(r))
+    return "; ".join(lines) + f" ({by_app}); lower the stages' num_cpus/num_gpus or replicas"
 
 
 def validate_serve_config(config: dict[str, Any]) -> Any:

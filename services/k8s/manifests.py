@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from ..config import ConfigError, K8sToleration, ServeConfig
-from ..render import render_serve_config
+from ..render import cluster_env, render_serve_config
 from .topology import HEAD, STAGE_GROUPS, GroupShape, groups, placed_config
 
 Profile = Literal["gpu", "cpu"]
@@ -95,6 +95,7 @@ def _env(cfg: ServeConfig) -> list[dict[str, Any]]:
         # `ray start` drains its node on SIGTERM for this long (Serve proxies stop taking traffic,
         # replicas finish); stay inside the pod's grace period.
         {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": str(max(1, cfg.k8s.termination_grace_s - 15))},
+        *({"name": name, "value": value} for name, value in cluster_env(cfg).items()),
     ]
     ingress = cfg.ingress
     if ingress.auth_enabled and cfg.k8s.api_keys_secret and ingress.api_keys_env:

@@ -215,6 +215,17 @@ def test_api_keys_come_from_the_secret_never_inline():
         assert app["args"]["config"]["ingress"]["api_keys"] == []
 
 
+def test_every_pod_starts_ray_with_the_proxies_settings():
+    """Serve's proxies read these only from the environment of the node they start on."""
+    from services.render import cluster_env
+
+    cfg = profile_config("gpu")
+    for template in _pods(render_manifests(cfg, "gpu")[0]).values():
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert cluster_env(cfg).items() <= env.items()
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(cfg.ingress.limits.max_request_bytes)
+
+
 def test_serve_config_render_leaves_inline_keys_out(tmp_path, capsys):
     path = tmp_path / "mammoth.yaml"
     path.write_text("ingress: {auth_enabled: true, api_keys: [s3cret-key]}\n")

@@ -9,6 +9,7 @@ import yaml
 
 from services.config import AutoscalingSettings, ConfigError, ServeConfig
 from services.render import (
+    GRPC_GUARD,
     HEALTH_SERVICER,
     INGRESS_APP,
     STAGE_APPS,
@@ -219,13 +220,13 @@ def test_route_prefixes_and_servicers_follow_expose_stages():
     hidden = render_serve_config(ServeConfig())
     assert _app(hidden, "mammoth")["route_prefix"] == "/"
     assert all(a["route_prefix"] is None for a in hidden["applications"] if a["name"] != "mammoth")
-    assert hidden["grpc_options"]["grpc_servicer_functions"] == [INGRESS_APP.servicer, HEALTH_SERVICER]
+    assert hidden["grpc_options"]["grpc_servicer_functions"] == [GRPC_GUARD, INGRESS_APP.servicer, HEALTH_SERVICER]
 
     exposed = render_serve_config(ServeConfig.loads("ingress: {expose_stages: true, grpc_health: false}"))
     assert [_app(exposed, s)["route_prefix"] for s in STAGE_APPS] == [
         "/stages/image-planner", "/stages/image-dit", "/stages/image-vae"]
     assert exposed["grpc_options"]["grpc_servicer_functions"] == [
-        INGRESS_APP.servicer, *(spec.servicer for spec in STAGE_APPS.values())
+        GRPC_GUARD, INGRESS_APP.servicer, *(spec.servicer for spec in STAGE_APPS.values())
     ]
 
 
@@ -293,3 +294,22 @@ def test_rays_schema_rejects_what_it_should():
     _app(rendered, "dit")["route_prefix"] = "/"
     with pytest.raises(ValueError, match="route"):
         validate_serve_config(rendered)
+
+
+def test_starting_resources_count_replicas_and_placement_groups():
+    from services.render import resource_shortfall, starting_resources
+
+    cfg = ServeConfig.from_dict({"models": {"image": {"preset": "tiny-mammoth2"}, "video": {"preset": "tiny-mammoth25"}},
+                                 "planner": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}},
+                                 "dit": {"engine": {"parallel": {"size": 2, "rank_num_cpus": 0.25}},
+                                         "ray_actor_options": {"num_cpus": 0.1}}})
+    need = starting_resources(render_serve_config(cfg))
+    assert need["image-planner"] == {"CPU": 1.0}  # two replicas of 0.5
+    assert need["video-dit"] == {"CPU": 0.6}  # its group: the replica's bundle and two ranks
+    assert need["image-dit"] == {"CPU": 0.1}  # no MoE: no group
+    total = sum(n.get("CPU", 0.0) for n in need.values())
+    assert resource_shortfall(render_serve_config(cfg), {"CPU": total}) is None
+    why = resource_shortfall(render_serve_config(cfg), {"CPU": 2.0})
+    assert why.startswith(f"CPU: the replicas need {total:g} at start, the Ray cluster has 2") and "image-planner 1" in why
+    gpu = resource_shortfall(render_serve_config(ServeConfig.default_gpu()), {"CPU": 64.0})
+    assert gpu and gpu.startswith("GPU: the replicas need")
