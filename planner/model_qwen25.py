@@ -23,6 +23,7 @@ from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
+from . import hf_processor
 from .gen_experts import GenExpertLayer, GenHeadLM, GenMaskCarrier, GenVocabModel
 
 
@@ -61,8 +62,14 @@ class MammothQwen2ForCausalLM(GenHeadLM, Qwen2ForCausalLM):
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
 
+class MammothPreviewProcessingInfo(hf_processor.JoinedProcessorInfo, Qwen2_5_VLProcessingInfo):
+    """Qwen2.5-VL's processing info with the HF processor joined around vLLM's tokenizer."""
+
+    hf_processor_name = "Qwen2_5_VLProcessor"
+
+
 @MULTIMODAL_REGISTRY.register_processor(
-    Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+    Qwen2_5_VLMultiModalProcessor, info=MammothPreviewProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
 class Mammothmoda2Qwen2_5_VLForConditionalGeneration(GenMaskCarrier, Qwen2_5_VLForConditionalGeneration):
     # Our checkpoint names are transformers' current Qwen2.5-VL names (``planner.configuration``).

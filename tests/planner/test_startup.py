@@ -118,3 +118,52 @@ def test_pair_gate_drops_aborted_rows():
     gate.arrive(_request("c-c", "c"))
     gate.drop(None)
     assert gate.held == {}
+
+
+def test_the_processor_joined_around_vllms_tokenizer_equals_transformers_own(tiny_planner_dir):
+    """``hf_processor`` skips transformers' reload of the tokenizer; what it builds must process
+    a chat with an image and a video exactly as ``Qwen3VLProcessor.from_pretrained`` does, with
+    the call-time flags vLLM passes when the model normalizes on the device too."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, Qwen3VLProcessor
+
+    from planner import hf_processor
+
+    reference = Qwen3VLProcessor.from_pretrained(str(tiny_planner_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_planner_dir))
+    device_normalized = {"do_normalize": False, "do_rescale": False}
+    joined = hf_processor.joined_processor(Qwen3VLProcessor, tiny_planner_dir, tokenizer, device_normalized)
+    assert joined is hf_processor.joined_processor(Qwen3VLProcessor, str(tiny_planner_dir), tokenizer, {})
+    assert joined.chat_template == reference.chat_template
+    assert joined.image_processor.to_dict() == reference.image_processor.to_dict()
+    assert joined.video_processor.to_dict() == reference.video_processor.to_dict()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    video = rng.integers(0, 255, (4, 64, 48, 3), dtype=np.uint8)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "what?"}]}]
+    text = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert joined.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    for call in ({}, device_normalized):
+        kwargs = {"videos_kwargs": {"do_sample_frames": False}, **call}
+        want = reference(text=[text], images=[image], videos=[video], return_tensors="pt", **kwargs)
+        got = joined(text=[text], images=[image], videos=[video], return_tensors="pt", **kwargs)
+        assert want.keys() == got.keys()
+        for key in want:
+            assert torch.equal(want[key], got[key]), key
+
+
+def test_the_checkpoints_processor_is_joined_only_where_it_is_exact(tiny_planner_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer, Qwen3VLProcessor
+
+    from planner.hf_processor import joined_processor
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_planner_dir))
+    assert joined_processor(Qwen3VLProcessor, tiny_planner_dir, tokenizer, {"videos_kwargs": {"fps": None}})
+    assert joined_processor(Qwen3VLProcessor, tiny_planner_dir, tokenizer, {"chat_template": "x"}) is None
+    own = shutil.copytree(tiny_planner_dir, tmp_path / "own", ignore=shutil.ignore_patterns("*.safetensors"))
+    (own / "processor_config.json").write_text("{}")  # processor-level settings of its own
+    assert joined_processor(Qwen3VLProcessor, own, tokenizer, {}) is None
+    assert joined_processor(Qwen3VLProcessor, tmp_path / "missing", tokenizer, {}) is None
