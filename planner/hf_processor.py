@@ -45,22 +45,29 @@ def processor_from_parts(processor_cls: type, model_dir: str, tokenizer: Any) ->
 
 
 @functools.lru_cache(maxsize=8)
-def call_time_keys(processor_cls: type, processor: Any) -> frozenset[str]:
+def call_time_keys(processor: Any) -> frozenset[str]:
     """The kwargs ``processor`` takes when called (vLLM's own reading of its kwargs type)."""
     from vllm.transformers_utils.processor import get_processor_kwargs_keys, get_processor_kwargs_type
 
     return frozenset(get_processor_kwargs_keys(get_processor_kwargs_type(processor)))
 
 
+@functools.lru_cache(maxsize=8)
+def _joinable_dir(model_dir: str) -> bool:
+    """A local checkpoint without processor-level settings of its own (checked once per start:
+    ``get_hf_processor`` runs for every multimodal request)."""
+    root = Path(model_dir)
+    return root.is_dir() and not (root / "processor_config.json").exists()
+
+
 def joined_processor(processor_cls: type, model_dir: str | Path, tokenizer: Any,
                      kwargs: dict[str, Any]) -> Any | None:
     """The processor vLLM would build for ``kwargs``, or None where only vLLM's path is exact
     (construction-time kwargs, a ``processor_config.json``, no local directory)."""
-    root = Path(model_dir)
-    if not root.is_dir() or (root / "processor_config.json").exists():
+    if not _joinable_dir(str(model_dir)):
         return None
-    processor = processor_from_parts(processor_cls, str(root), tokenizer)
-    if set(kwargs) - call_time_keys(processor_cls, processor):
+    processor = processor_from_parts(processor_cls, str(model_dir), tokenizer)
+    if set(kwargs) - call_time_keys(processor):
         return None
     return processor
 
