@@ -226,3 +226,30 @@ def test_grad_mode_after_inference(mammoth2_config, mammoth2_model, make_conditi
     out = model(_latents(1, 4, 4), torch.tensor([0.5]), model.prepare(cond))
     out.square().mean().backward()
     assert model.x_embedder.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_rms_norm_follow_the_official_arithmetic(dtype):
+    """The fused kernels (complex RoPE product, torch's rms_norm) give the official elementwise
+    formulas: pairs ``(x1 c - x2 s, x1 s + x2 c)`` in fp32; normalise in fp32, cast, then scale."""
+    from dit_worker.models.mammoth2_layers import RMSNorm, apply_rope
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, 8, generator=g).to(dtype)
+    angles = torch.randn(2, 5, 4, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    c, s = cos[:, :, None], sin[:, :, None]
+    expected = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    got = apply_rope(x, cos, sin)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g))
+    h = x.float()
+    expected = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    got = norm(x)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
