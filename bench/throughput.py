@@ -42,6 +42,8 @@ PARTS = ("served", "mixed", "cache", "startup")
 PROMPT = "a lighthouse on a cliff at dusk"
 MAX_CACHE_ERROR = 1e-2
 TARGET_CONCURRENT_RATIO = 3.0
+# per-request stage timings (seconds, from the result) reported as medians per level
+STAGE_TIMINGS = ("planner", "dit_queue", "dit", "vae_decode")
 TARGET_FEWER_EVALUATIONS = 1.8
 
 
@@ -79,25 +81,37 @@ def served(concurrency: list[int], steps: int, size: int, grpc_port: int, http_p
     result["serve_up_s"] = round(time.perf_counter() - started, 1)
     client = MammothClient(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
     computed: list[float] = []
+    stages: list[dict[str, float]] = []
 
     def one(seed: int) -> float:
         t0 = time.perf_counter()
         out = client.generate_image(PROMPT, seed=seed, **options)
         computed.append(out.timings.get("dit_steps_computed", float("nan")))
+        stages.append({k: out.timings[k] for k in STAGE_TIMINGS if k in out.timings})
         return time.perf_counter() - t0
+
+    def stage_medians() -> dict[str, float]:
+        """Median seconds per stage of the requests since the last call (what dominates)."""
+        taken = stages[:]
+        stages.clear()
+        return {k: round(statistics.median(t[k] for t in taken if k in t), 3)
+                for k in STAGE_TIMINGS if any(k in t for t in taken)}
 
     try:
         one(0)  # warm every stage up
         for n in concurrency:
             seeds = list(range(1000 * n, 1000 * n + n))
+            stage_medians()
             with ThreadPoolExecutor(n) as pool:
                 t0 = time.perf_counter()
                 together = list(pool.map(one, seeds))
                 wall = time.perf_counter() - t0
+            together_stages = stage_medians()
             t0 = time.perf_counter()
             alone = [one(s) for s in seeds]
             alone_wall = time.perf_counter() - t0
-            level = {"concurrent": _latency_fields(together, wall), "one_at_a_time": _latency_fields(alone, alone_wall)}
+            level = {"concurrent": {**_latency_fields(together, wall), "stage_s": together_stages},
+                     "one_at_a_time": {**_latency_fields(alone, alone_wall), "stage_s": stage_medians()}}
             level["ratio_requests_per_s"] = round(alone_wall / wall, 3)
             result["levels"][str(n)] = level
             print(json.dumps({"served_level": n, **level}), file=sys.stderr, flush=True)  # partial figures

@@ -80,6 +80,16 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float, min_keep:
     return logits
 
 
+def sample_index(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One draw from the categorical ``probs`` (1-D, non-negative) by inverting its CDF with a
+    single uniform. ``torch.multinomial`` draws one exponential per category instead: ~0.8 ms over
+    the 32k visual codes on CPU, for every pair at every planning step."""
+    cdf = probs.double().cumsum(0)  # float64: a float32 running sum over 32k terms drifts
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[-1]
+    # first index whose CDF exceeds u: a zero-probability category never is
+    return int(torch.searchsorted(cdf, u, right=True).clamp_(max=probs.numel() - 1))
+
+
 def position_seed(seed: int, index: int) -> int:
     """Deterministic per-position seed: a repaired pair resamples exactly what it would have."""
     x = (int(seed) * _MIX + int(index) + 1) & 0xFFFFFFFFFFFFFFFF
@@ -196,4 +206,4 @@ class GridGuidance:
         if state.generator is None or state.generator.device != logits.device:
             state.generator = torch.Generator(device=logits.device)
         state.generator.manual_seed(position_seed(int(spec.get("seed", 0)), index))
-        return start + int(torch.multinomial(scores.softmax(-1), 1, generator=state.generator))
+        return start + sample_index(scores.softmax(-1), state.generator)

@@ -126,7 +126,15 @@ class DeploymentSettings(_Section):
 class _StageEngine(_Section):
     device: EngineDevice | None = None  # None: cuda when device is gpu, else cpu
     dtype: EngineDType | None = None  # None: bfloat16 on cuda, float32 on cpu; auto: bf16 on cpu only if native
-    cpu_threads: PositiveInt | None = None  # OMP/torch threads per replica; None: library default
+    cpu_threads: PositiveInt | None = None  # OMP/torch threads per replica (DiT/VAE: per lane); None: library default
+
+
+class _Lanes(_StageEngine):
+    # batches the replica runs side by side, each in its own thread (services.stages.lanes): on a
+    # CPU a forward costs what its rows cost, so spare cores run more batches, not wider ones;
+    # 0: auto, one per cpu_threads (default 1) of the cores the replica may use (at most 4) on
+    # CPU, one on GPU
+    lanes: NonNegativeInt = 0
 
 
 class PlannerEngine(_StageEngine):
@@ -174,7 +182,7 @@ class DiTParallel(_Section):
     start_timeout_s: PositiveFloat = 300.0  # ranks loading their shards and joining the group
 
 
-class DiTEngine(_StageEngine):
+class DiTEngine(_Lanes):
     """Batched DiT engine (``dit_worker.engine``)."""
 
     max_batch_rows: PositiveInt = 16  # request x CFG-branch rows per forward
@@ -193,7 +201,7 @@ class DiTEngine(_StageEngine):
     compile: bool = False  # torch.compile the DiT's repeated blocks (each new shape compiles once)
 
 
-class VAEEngine(_StageEngine):
+class VAEEngine(_Lanes):
     memory_budget_mb: PositiveInt = 2048  # decode/encode tile so a call stays under this
     max_batch_decodes: PositiveInt = 4  # concurrent decodes of one latent shape run as one batch
     # extra wait for company; 0: decodes that arrive while one runs join the next batch

@@ -16,7 +16,7 @@ from .config import ServeConfig
 from .families import get_family
 from .handoff import MediaGeometry, MediaOutput
 from .jobs import ImageJob, UnderstandJob, VideoJob
-from .stage_setup import dit_engine_config, ensure_model, media_limits  # noqa: F401 - callers move to stage_setup
+from .stage_setup import dit_engine_config, ensure_model, media_limits, stage_lanes  # noqa: F401 - callers move to stage_setup
 from .stages.dit import DiTStage
 from .stages.planner import PlannerStage
 from .stages.vae import VAEStage
@@ -83,9 +83,10 @@ async def start_local_stages(cfg: ServeConfig, name: str) -> LocalStages:
                                        engine_cls=family.engine_class("planner"))
     dit = DiTStage.from_model_dir(index.root, dit_engine_config(cfg),
                                   batch_wait_timeout_s=cfg.dit.engine.batch_wait_timeout_s,
-                                  engine_cls=family.engine_class("dit"))
+                                  engine_cls=family.engine_class("dit"), lanes=stage_lanes(cfg, "dit"))
     vae = VAEStage.from_model_dir(index.root, family.engine_class("vae"), device=cfg.resolved_device("vae"),
                                   dtype=cfg.resolved_dtype("vae"), memory_budget_mb=cfg.vae.engine.memory_budget_mb,
                                   media_limits=limits, max_batch_decodes=cfg.vae.engine.max_batch_decodes,
-                                  batch_wait_timeout_s=cfg.vae.engine.batch_wait_timeout_s)
+                                  batch_wait_timeout_s=cfg.vae.engine.batch_wait_timeout_s,
+                                  lanes=stage_lanes(cfg, "vae"))
     return LocalStages(name, index.family, planner, dit, vae)

@@ -15,6 +15,7 @@ from vae_worker.media import MediaLimits
 from .config import ServeConfig
 from .model_dir import ModelIndex, init_random, read_index
 from .presets import get_preset
+from .stages.lanes import Lanes, lane_threads, resolve_lanes
 
 if TYPE_CHECKING:  # the planner replica and the ingress import this module: no diffusers there
     from dit_worker.engine import DiTEngineConfig
@@ -41,6 +42,13 @@ def ensure_model(cfg: ServeConfig, name: str) -> ModelIndex:
         init_random(tmp, settings.preset, seed=0, overwrite=True)
         tmp.replace(directory)
     return read_index(directory)
+
+
+def stage_lanes(cfg: ServeConfig, stage: str) -> Lanes:
+    """The worker threads of a DiT or VAE stage (``<stage>.engine.lanes`` / ``cpu_threads``)."""
+    engine = getattr(cfg, stage).engine
+    count = resolve_lanes(engine.lanes, cfg.resolved_device(stage), engine.cpu_threads)
+    return Lanes(count, lane_threads(count, engine.cpu_threads), name=f"{stage}-lane")
 
 
 def dit_engine_config(cfg: ServeConfig) -> DiTEngineConfig:

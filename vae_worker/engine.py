@@ -12,14 +12,18 @@ Encoding uses the posterior *mode* (its mean). The official 2.5 pipeline does so
 for both so identical requests give identical latents; the difference is one posterior std (small
 for the trained VAE).
 
-Every call picks slicing/tiling from ``memory_budget_mb`` (see ``vae_worker.memory``). An engine
-serialises its calls with a lock, because diffusers keeps the tiling switches on the module.
+Every call picks slicing/tiling from ``memory_budget_mb`` (see ``vae_worker.memory``). diffusers
+keeps the tiling switches on the module, so calls from several threads share the model only
+while they need the same switches and their estimated activations fit the budget together
+(``_using``); the video VAE keeps its causal feature cache on the module too, so its calls run
+one at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +66,12 @@ def _as_uint8_tensor(data: Any, ndim: int, what: str) -> torch.Tensor:
 
 
 class _VAEEngine:
-    """Shared plumbing: device/dtype, budget, lock, lazily fitted preview map."""
+    """Shared plumbing: device/dtype, budget, the model's sharing between threads, lazily fitted
+    preview map."""
 
     expected_class: str = ""
     _preview_fit_size: int = 64
+    concurrent_calls: bool = False  # whether calls from several threads may run the model at once
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> None:
@@ -78,7 +84,11 @@ class _VAEEngine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.memory_budget_mb = float(memory_budget_mb)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the preview map, fitted once
+        self._model_free = threading.Condition()
+        self._calls = 0  # calls running the model now ...
+        self._call_bytes = 0  # ... their estimated activation bytes
+        self._plan_key: tuple[bool, int | None] | None = None  # the switches they run under
         self._preview: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_plan: memory.MemoryPlan | None = None
 
@@ -147,11 +157,38 @@ class _VAEEngine:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def _using(self, plan: memory.MemoryPlan) -> Iterator[None]:
+        """Run the model under ``plan``; waits while other calls need other switches or would
+        overrun ``memory_budget_mb`` together (a lone call always runs)."""
+        key = (plan.slice_batch, plan.tile)
+        with self._model_free:
+            while self._calls and not (self.concurrent_calls and key == self._plan_key
+                                       and self._call_bytes + plan.estimate_bytes <= self.memory_budget_bytes):
+                self._model_free.wait()
+            if not self._calls:
+                self._apply_plan(plan)
+                self._plan_key = key
+            self.last_plan = plan
+            self._calls += 1
+            self._call_bytes += plan.estimate_bytes
+        try:
+            yield
+        finally:
+            with self._model_free:
+                self._calls -= 1
+                self._call_bytes -= plan.estimate_bytes
+                self._model_free.notify_all()
+
+    def _apply_plan(self, plan: memory.MemoryPlan) -> None:
+        raise NotImplementedError
+
 
 class ImageVAE(_VAEEngine):
     """MammothModa2 image VAE (diffusers ``AutoencoderKL``, 16 channels, 8x)."""
 
     expected_class = "AutoencoderKL"
+    concurrent_calls = True  # AutoencoderKL keeps nothing on the module between calls
 
     @property
     def latent_channels(self) -> int:
@@ -180,7 +217,6 @@ class ImageVAE(_VAEEngine):
                            output_bytes=3 * height * width * self._itemsize)
 
     def _apply_plan(self, plan: memory.MemoryPlan) -> None:
-        self.last_plan = plan
         self.model.use_slicing = plan.slice_batch
         self.model.use_tiling = plan.tile is not None
         if plan.tile is not None:
@@ -195,8 +231,7 @@ class ImageVAE(_VAEEngine):
         batch, height, width, _ = pixels.shape
         self._check_pixels_grid(height, width)
         x = _to_unit_range(pixels).permute(0, 3, 1, 2).to(self.device, self.dtype)
-        with self._lock:
-            self._apply_plan(self.plan_for(batch, height, width, decode=False))
+        with self._using(self.plan_for(batch, height, width, decode=False)):
             z = self.model.encode(x).latent_dist.mode()
         return self.normalize(z.float())
 
@@ -208,8 +243,7 @@ class ImageVAE(_VAEEngine):
         batch, _, h, w = latents.shape
         f = self.spatial_compression
         z = self.denormalize(latents.float()).to(self.device, self.dtype)
-        with self._lock:
-            self._apply_plan(self.plan_for(batch, h * f, w * f, decode=True))
+        with self._using(self.plan_for(batch, h * f, w * f, decode=True)):
             x = self.model.decode(z).sample
         return x.float().clamp(-1, 1)
 
@@ -233,6 +267,7 @@ class VideoVAE(_VAEEngine):
     """MammothModa2.5 video VAE (diffusers ``AutoencoderKLWan``: causal 3D, 4x time, 8x space)."""
 
     expected_class = "AutoencoderKLWan"
+    concurrent_calls = False  # its causal feature cache lives on the module during a call
     _preview_fit_size = 32  # the 3D encoder is costlier; 24 x 4x4 latent pixels still over-determine 17 unknowns
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], **kwargs: Any) -> None:
@@ -272,7 +307,6 @@ class VideoVAE(_VAEEngine):
                            output_bytes=3 * frames * height * width * self._itemsize)
 
     def _apply_plan(self, plan: memory.MemoryPlan) -> None:
-        self.last_plan = plan
         self.model.use_slicing = plan.slice_batch
         self.model.use_tiling = plan.tile is not None
         if plan.tile is not None:
@@ -288,8 +322,7 @@ class VideoVAE(_VAEEngine):
             raise ValueError(f"video has {count} frames; the causal VAE needs 4k+1 frames")
         self._check_pixels_grid(height, width)
         x = _to_unit_range(frames).permute(0, 4, 1, 2, 3).to(self.device, self.dtype)
-        with self._lock:
-            self._apply_plan(self.plan_for(batch, count, height, width))
+        with self._using(self.plan_for(batch, count, height, width)):
             z = self.model.encode(x).latent_dist.mode()
         return self.normalize(z.float())
 
@@ -301,8 +334,7 @@ class VideoVAE(_VAEEngine):
         batch, _, t, h, w = latents.shape
         f = self.spatial_compression
         z = self.denormalize(latents.float()).to(self.device, self.dtype)
-        with self._lock:
-            self._apply_plan(self.plan_for(batch, self.num_frames(t), h * f, w * f))
+        with self._using(self.plan_for(batch, self.num_frames(t), h * f, w * f)):
             x = self.model.decode(z).sample
         return x.float().clamp(-1, 1)
 

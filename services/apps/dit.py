@@ -27,7 +27,7 @@ from ..dit_group import RankGroup
 from ..families import ModelFamily, get_family
 from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditions, PromptConditions
 from ..stage_messages import denoise_job
-from ..stage_setup import dit_engine_config
+from ..stage_setup import dit_engine_config, stage_lanes
 from ..stages.dit import DiTStage, load_glyph_encoder
 from .common import (
     ApiKeys,
@@ -80,7 +80,8 @@ class DiTDeployment:
         if self.group is None:
             self.stage = DiTStage.from_model_dir(index.root, dit_engine_config(self.cfg),
                                                  batch_wait_timeout_s=self.cfg.dit.engine.batch_wait_timeout_s,
-                                                 publish=publish, engine_cls=self.family.engine_class("dit"))
+                                                 publish=publish, engine_cls=self.family.engine_class("dit"),
+                                                 lanes=stage_lanes(self.cfg, "dit"))
         else:  # the engine runs here on CPU tensors; the ranks hold the model
             engine_cfg = dataclasses.replace(dit_engine_config(self.cfg), device="cpu")
             parallel = self.cfg.dit.engine.parallel

@@ -18,7 +18,7 @@ from ..handoff import EncodedMedia, MediaGeometry, MediaOutput
 from ..jobs import InvalidArgument, check_int
 from ..media_formats import DEFAULT_QUALITY, IMAGE_FORMATS, MIME
 from ..stage_messages import encode_job, output_spec
-from ..stage_setup import media_limits
+from ..stage_setup import media_limits, stage_lanes
 from ..stages.vae import VAEStage
 from .common import (
     ApiKeys,
@@ -51,7 +51,8 @@ class VAEDeployment:
                                              memory_budget_mb=engine.memory_budget_mb,
                                              media_limits=media_limits(self.cfg), resolve=resolve,
                                              max_batch_decodes=engine.max_batch_decodes,
-                                             batch_wait_timeout_s=engine.batch_wait_timeout_s)
+                                             batch_wait_timeout_s=engine.batch_wait_timeout_s,
+                                             lanes=stage_lanes(self.cfg, "vae"))
         self.metrics = StageMetrics("vae", self.model)
         self.auth = ApiKeys.from_settings(self.cfg.ingress)  # its gRPC service, with expose_stages
 

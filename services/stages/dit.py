@@ -1,9 +1,11 @@
 """DiT stage: a batching loop in front of the DiT engine.
 
-Requests arrive as async calls; a single worker task groups the queued ones that share a
+Requests arrive as async calls; a worker task per lane (``services.stages.lanes``: on CPU
+several batches run side by side, one per free core) groups the queued ones that share a
 latent shape -- or any shapes when the engine takes mixed sizes (``mixed_shapes``) -- (waiting at
-most ``batch_wait_timeout_s`` for company), runs the engine on them in a thread, and streams each
-request's progress back to its caller. Requests that fit the running batch and queue up
+most ``batch_wait_timeout_s`` for company), runs the engine on them in its lane's thread, and
+streams each request's progress back to its caller. The replica's ``max_batch_requests`` is
+shared out between the lanes, and a lane that finds others idle leaves them their share. Requests that fit the running batch and queue up
 meanwhile join it at the next step boundary (continuous batching),
 and each result goes back the moment its request is done, not when the batch ends. Cancelling
 a caller aborts its request inside the running batch at the next step; the rest carries on.
@@ -35,6 +37,7 @@ from dit_worker.step_cache import StepCacheParams
 
 from ..handoff import DenoiseDone, DenoiseStepEvent, EncodedMedia, ImageConditions, PromptConditions
 from ..jobs import ImageJob, InvalidArgument, VideoJob
+from .lanes import Lanes
 
 Publish = Callable[[np.ndarray], Any]
 log = logging.getLogger(__name__)
@@ -60,30 +63,40 @@ class _Pending:
 
 class DiTStage:
     def __init__(self, engine: DiTEngine, *, max_batch_requests: int = 8, batch_wait_timeout_s: float = 0.01,
-                 publish: Publish = _identity, glyph_encoder: GlyphEncoder | None = None):
+                 publish: Publish = _identity, glyph_encoder: GlyphEncoder | None = None,
+                 lanes: Lanes | None = None):
         self.engine = engine
+        self.lanes = lanes or Lanes(1, name="dit-lane")
         self.glyph_encoder = glyph_encoder  # glyph checkpoints: their ByT5 condition encoder
         self._negative_glyphs: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self.max_batch_requests = max_batch_requests
+        self.lane_capacity = max(1, -(-max_batch_requests // self.lanes.count))  # requests per lane
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.publish = publish
         self._queue: asyncio.Queue[_Pending] | None = None
-        self._worker: asyncio.Task | None = None
+        self._workers: list[asyncio.Task] = []
+        self._waiting = 0  # lanes waiting for a first request
+        self._running: dict[int, dict[str, _Pending]] = {}  # lane -> its batch's requests
         self._deferred: list[_Pending] = []
         self._serial = 0
         self.batches_run = 0
         self.batches_joined = 0  # step boundaries at which queued requests joined a running batch
         self.last_batch_size = 0
-        self.active_requests = 0
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, config: DiTEngineConfig, *, batch_wait_timeout_s: float = 0.01,
-                       publish: Publish = _identity, engine_cls: type[DiTEngine] = DiTEngine) -> DiTStage:
+                       publish: Publish = _identity, engine_cls: type[DiTEngine] = DiTEngine,
+                       lanes: Lanes | None = None) -> DiTStage:
         """``engine_cls``: the model family's DiT engine (``ModelFamily.engine_class("dit")``)."""
         engine = engine_cls.from_pretrained(model_dir / "dit", config)
         return cls(engine, max_batch_requests=max(1, config.max_batch_rows // 2),
                    batch_wait_timeout_s=batch_wait_timeout_s, publish=publish,
-                   glyph_encoder=load_glyph_encoder(model_dir / "dit", engine))
+                   glyph_encoder=load_glyph_encoder(model_dir / "dit", engine), lanes=lanes)
+
+    @property
+    def active_requests(self) -> int:
+        """Requests denoising now, in every lane."""
+        return sum(not p.delivered for batch in self._running.values() for p in batch.values())
 
     # -- requests ----------------------------------------------------------------------------
     def image_request(self, job: ImageJob, conditions: ImageConditions,
@@ -181,28 +194,53 @@ class DiTStage:
         return self.engine.family.latent_shape(request, self.engine.latent_channels)
 
     def _ensure_worker(self) -> None:
-        if self._worker is None or self._worker.done():
+        """Start the lanes' loops (a fresh queue when none runs, e.g. on a new event loop), or
+        restart the one that died."""
+        loop = asyncio.get_running_loop()
+        if all(w.done() for w in self._workers):
             self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
+            self._waiting = 0
+            self._running.clear()
+            self._workers = [loop.create_task(self._run(lane)) for lane in range(self.lanes.count)]
+            return
+        for lane, worker in enumerate(self._workers):
+            if worker.done():
+                self._running.pop(lane, None)
+                self._workers[lane] = loop.create_task(self._run(lane))
+
+    async def _first(self) -> _Pending:
+        if self._deferred:
+            return self._deferred.pop(0)
+        self._waiting += 1
+        try:
+            return await self._queue.get()
+        finally:
+            self._waiting -= 1
 
     async def _next_batch(self) -> list[_Pending]:
-        first = self._deferred.pop(0) if self._deferred else await self._queue.get()
+        first = await self._first()
         batch = [first]
         deadline = time.monotonic() + self.batch_wait_timeout_s
         keep: list[_Pending] = []
         for item in self._deferred:  # earlier arrivals of the same shape join first
-            (batch if item.shape == first.shape and len(batch) < self.max_batch_requests else keep).append(item)
+            (batch if item.shape == first.shape and len(batch) < self.lane_capacity else keep).append(item)
         self._deferred = keep
-        while len(batch) < self.max_batch_requests:
+        while len(batch) < self.lane_capacity:
             timeout = deadline - time.monotonic()
             try:
                 item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
             except (asyncio.QueueEmpty, TimeoutError):
                 break
             (batch if item.shape == first.shape else self._deferred).append(item)
+        if self._waiting and len(batch) > 1 and self._queue.empty():
+            # idle lanes take an equal share (back in the queue, in order: it is empty)
+            share = -(-len(batch) // (self._waiting + 1))
+            for item in batch[share:]:
+                self._queue.put_nowait(item)
+            batch = batch[:share]
         return [p for p in batch if not p.cancelled]
 
-    async def _run(self) -> None:
+    async def _run(self, lane: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
@@ -210,27 +248,26 @@ class DiTStage:
                 continue
             self.batches_run += 1
             self.last_batch_size = len(batch)
-            by_id = {p.request.request_id: p for p in batch}
-            self.active_requests = len(batch)
+            by_id = self._running[lane] = {p.request.request_id: p for p in batch}
             generate = functools.partial(
                 self.engine.generate, [p.request for p in batch], functools.partial(self._progress, by_id),
                 on_done=functools.partial(loop.call_soon_threadsafe, self._deliver, by_id),
                 admit=functools.partial(self._admit_from_thread, loop, batch[0].shape, by_id),
-                max_requests=self.max_batch_requests)
+                max_requests=self.lane_capacity)
             try:
-                await asyncio.to_thread(generate)
+                await self.lanes.run(generate)
             except Exception as exc:  # noqa: BLE001 - delivered to every caller still waiting
                 for pending in by_id.values():
                     if not pending.delivered:
+                        pending.delivered = True
                         pending.events.put_nowait(exc)
             finally:
-                self.active_requests = 0
+                self._running.pop(lane, None)
 
     def _deliver(self, by_id: dict[str, _Pending], result: DenoiseOutput | RequestAborted) -> None:
         """On the loop, as soon as the engine finishes (or aborts) one request of the batch."""
         pending = by_id[result.request_id]
         pending.delivered = True
-        self.active_requests = max(0, self.active_requests - 1)
         if isinstance(result, RequestAborted):
             pending.events.put_nowait(asyncio.CancelledError())
         else:
@@ -262,7 +299,6 @@ class DiTStage:
         joining = [p for p in joining if not p.cancelled]
         if joining:
             self.batches_joined += 1
-            self.active_requests += len(joining)
         return joining
 
     @staticmethod
@@ -284,18 +320,21 @@ class DiTStage:
     def check_health(self) -> None:
         """Raise if the batching loop died (not cancelled) or the engine's model does not answer
         (a rank group pings every rank; a single in-process model has nothing to ask)."""
-        worker = self._worker
-        if worker is not None and worker.done() and not worker.cancelled() and worker.exception() is not None:
-            raise RuntimeError(f"DiT batching loop died: {worker.exception()!r}")
+        for worker in self._workers:
+            if worker.done() and not worker.cancelled() and worker.exception() is not None:
+                raise RuntimeError(f"DiT batching loop died: {worker.exception()!r}")
         check = getattr(self.engine.model, "check_health", None)
         if callable(check):
             check()
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await worker
+        self._workers = []
+        self.lanes.close()
 
 
 def load_glyph_encoder(dit_dir: Path, engine: DiTEngine) -> GlyphEncoder | None:

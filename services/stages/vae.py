@@ -30,6 +30,7 @@ from vae_worker.media import (
 from ..handoff import EncodedMedia, MediaOutput
 from ..jobs import ImageJob, InvalidArgument, OutputSpec, VideoJob
 from ..media_formats import MIME
+from .lanes import Lanes
 
 Resolve = Callable[[Any], Any]
 
@@ -39,18 +40,24 @@ async def _resolve_local(handle: Any) -> Any:
 
 
 class DecodeBatcher:
-    """Gathers concurrent decode calls and runs them through ``decode_many`` in one thread hop:
-    latents of the same shape share one VAE forward (the engine groups by shape).
+    """Gathers concurrent decode calls and runs them through ``decode_many``, up to one batch
+    per lane at once (``services.stages.lanes``): latents of the same shape share one VAE
+    forward (the engine groups by shape), and with idle lanes the waiting decodes are shared
+    out between them.
 
     A caller waits at most ``wait_s`` for company; a cancelled caller's result is dropped.
     """
 
-    def __init__(self, vae: ImageVAE | VideoVAE, max_batch: int = 4, wait_s: float = 0.0):
+    def __init__(self, vae: ImageVAE | VideoVAE, max_batch: int = 4, wait_s: float = 0.0,
+                 lanes: Lanes | None = None):
         self.vae = vae
         self.max_batch = max_batch
         self.wait_s = wait_s
+        self.lanes = lanes or Lanes(1, name="vae-lane")
         self._pending: list[tuple[torch.Tensor, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
+        self._busy = 0  # lanes decoding now
+        self._tasks: set[asyncio.Task] = set()
         self.batches_run = 0
         self.last_batch_size = 0
 
@@ -59,29 +66,45 @@ class DecodeBatcher:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((latents[None], future))
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._run())
+            self._worker = asyncio.get_running_loop().create_task(self._start())
         return await future
 
-    async def _run(self) -> None:
-        while self._pending:
-            if len(self._pending) < self.max_batch and self.wait_s > 0:
-                await asyncio.sleep(self.wait_s)
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+    async def _start(self) -> None:
+        if len(self._pending) < self.max_batch and self.wait_s > 0:
+            await asyncio.sleep(self.wait_s)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand waiting decodes to the free lanes, an equal share each (at most ``max_batch``)."""
+        while self._pending and self._busy < self.lanes.count:
+            size = min(self.max_batch, -(-len(self._pending) // (self.lanes.count - self._busy)))
+            batch, self._pending = self._pending[:size], self._pending[size:]
             batch = [(x, f) for x, f in batch if not f.done()]
             if not batch:
                 continue
+            self._busy += 1
             self.batches_run += 1
             self.last_batch_size = len(batch)
-            try:
-                outputs = await asyncio.to_thread(self.vae.decode_many, [x for x, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
+            task = asyncio.get_running_loop().create_task(self._decode(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _decode(self, batch: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
+        try:
+            outputs = await self.lanes.run(self.vae.decode_many, [x for x, _ in batch])
+        except asyncio.CancelledError:
+            self._busy -= 1
+            raise
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
             for (_, future), pixels in zip(batch, outputs):
                 if not future.done():
                     future.set_result(pixels[0].numpy())
+        self._busy -= 1
+        self._dispatch()
 
 
 class VAEStage:
@@ -91,19 +114,21 @@ class VAEStage:
 
     def __init__(self, vae: ImageVAE | VideoVAE, media_limits: MediaLimits | None = None,
                  resolve: Callable[[Any], Any] = _resolve_local, *, max_batch_decodes: int = 4,
-                 batch_wait_timeout_s: float = 0.0, tokenizer: MammothTokEncoder | None = None):
+                 batch_wait_timeout_s: float = 0.0, tokenizer: MammothTokEncoder | None = None,
+                 lanes: Lanes | None = None):
         self.vae = vae
         self.tokenizer = tokenizer
         self.is_video = isinstance(vae, VideoVAE)
         self.media_limits = media_limits or MediaLimits()
         self.resolve = resolve
-        self.decoder = DecodeBatcher(vae, max_batch_decodes, batch_wait_timeout_s)
+        self.lanes = lanes or Lanes(1, name="vae-lane")  # decodes, encodes and previews run here
+        self.decoder = DecodeBatcher(vae, max_batch_decodes, batch_wait_timeout_s, self.lanes)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, engine_cls: type[ImageVAE | VideoVAE], *, device: str = "cpu",
                        dtype: str = "float32", memory_budget_mb: float = 2048, media_limits: MediaLimits | None = None,
                        resolve: Callable[[Any], Any] = _resolve_local, max_batch_decodes: int = 4,
-                       batch_wait_timeout_s: float = 0.0) -> VAEStage:
+                       batch_wait_timeout_s: float = 0.0, lanes: Lanes | None = None) -> VAEStage:
         """``engine_cls``: the model family's VAE engine (``ModelFamily.engine_class("vae")``)."""
         vae = engine_cls.from_pretrained(model_dir / "vae", device=device, dtype=getattr(torch, dtype),
                                          memory_budget_mb=memory_budget_mb)
@@ -111,7 +136,7 @@ class VAEStage:
         # fp32: a VQ lookup picks the nearest code, and reduced precision flips near-ties
         tokenizer = load_mammothtok(tok_dir, device=device) if tok_dir.is_dir() else None
         return cls(vae, media_limits, resolve, max_batch_decodes=max_batch_decodes,
-                   batch_wait_timeout_s=batch_wait_timeout_s, tokenizer=tokenizer)
+                   batch_wait_timeout_s=batch_wait_timeout_s, tokenizer=tokenizer, lanes=lanes)
 
     # -- media in ----------------------------------------------------------------------------
     async def encode_references(self, job: ImageJob) -> EncodedMedia:
@@ -130,7 +155,7 @@ class VAEStage:
             job.width, job.height = width, height
         pixels = [np.asarray(fit_to_grid(img, job.width, job.height, job.resize_policy, job.multiple), dtype=np.uint8)
                   for img in images]
-        latents = await asyncio.to_thread(self._encode_images, pixels)
+        latents = await self.lanes.run(self._encode_images, pixels)
         timings = {"vae_encode": time.perf_counter() - start}
         codes: list[np.ndarray] = []
         if self.tokenizer is not None:
@@ -157,7 +182,7 @@ class VAEStage:
                                               multiple=job.multiple)
         fitted = np.asarray(fit_to_grid(frames, job.width, job.height, job.resize_policy, job.multiple),
                             dtype=np.uint8)
-        latents = await asyncio.to_thread(lambda: self.vae.encode(torch.from_numpy(fitted)[None])[0].numpy())
+        latents = await self.lanes.run(lambda: self.vae.encode(torch.from_numpy(fitted)[None])[0].numpy())
         return EncodedMedia([np.ascontiguousarray(latents)], [fitted], job.width, job.height, int(fitted.shape[0]),
                             float(fps), timings={"vae_encode": time.perf_counter() - start})
 
@@ -190,7 +215,7 @@ class VAEStage:
         """Cheap preview of intermediate latents (fixed linear map, no VAE pass); a video
         shows its middle frame. ``max_side`` > 0 downscales so the longer side fits."""
         tensor = torch.from_numpy(np.asarray(latents))[None]
-        image = await asyncio.to_thread(lambda: self.vae.preview(tensor)[0].numpy())
+        image = await self.lanes.run(lambda: self.vae.preview(tensor)[0].numpy())
         if image.ndim == 4:
             image = image[image.shape[0] // 2]
         if max_side > 0 and max(image.shape[:2]) > max_side:

@@ -46,6 +46,19 @@ def test_guided_formula():
     assert torch.equal(guided_logits(cond, None, 3.0), cond)
 
 
+def test_sample_index_draws_from_the_distribution_and_never_a_zero_category():
+    from planner.guidance import sample_index
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.0, 0.3])
+    generator = torch.Generator().manual_seed(7)
+    counts = torch.bincount(torch.tensor([sample_index(probs, generator) for _ in range(6000)]), minlength=5)
+    assert counts[1] == 0 and counts[3] == 0
+    assert torch.allclose(counts.double() / 6000, probs.double(), atol=0.025), counts
+    draws = [sample_index(probs, torch.Generator().manual_seed(3)) for _ in range(3)]
+    assert len(set(draws)) == 1  # one seed, one draw
+    assert sample_index(torch.tensor([0.0, 0.0, 1.0]), generator) == 2
+
+
 def test_top_k_keeps_at_least_three():
     x = torch.arange(10.0)
     assert torch.isfinite(filter_top_k_top_p(x, 1, 1.0)).sum() == 3

@@ -20,7 +20,7 @@ def test_check_health_passes_when_alive_and_fails_when_the_batching_loop_died(tm
         raise RuntimeError("boom")
 
     async def run() -> None:
-        stage._worker = asyncio.get_running_loop().create_task(crash())
+        stage._workers = [asyncio.get_running_loop().create_task(crash())]
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         with pytest.raises(RuntimeError, match="batching loop died"):

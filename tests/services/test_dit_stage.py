@@ -73,3 +73,46 @@ def test_two_callers_reusing_one_request_id_get_their_own_results(engine):
 
     first, second = asyncio.run(main())
     assert first.steps == second.steps == 3 and not np.allclose(first.latents, second.latents)
+
+
+def test_two_lanes_share_a_burst_run_side_by_side_and_match_one_lane(engine):
+    """A burst of four on a two-lane stage runs as two batches of two in two threads at once;
+    each request's result is what a one-lane stage gives it."""
+    import threading
+
+    from services.stages.lanes import Lanes
+
+    threads: set[str] = set()
+    overlap = {"now": 0, "most": 0}
+    lock = threading.Lock()
+    generate = engine.generate
+
+    def watched(*args, **kwargs):
+        with lock:
+            threads.add(threading.current_thread().name)
+            overlap["now"] += 1
+            overlap["most"] = max(overlap["most"], overlap["now"])
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            with lock:
+                overlap["now"] -= 1
+
+    async def run(stage):
+        jobs = [(_job(f"r{i}", 30, i), _conditions(i)) for i in range(4)]
+        results = await asyncio.gather(*(_collect(stage, job, cond, []) for job, cond in jobs))
+        await stage.close()
+        return results
+
+    engine.generate = watched
+    try:
+        two = DiTStage(engine, max_batch_requests=4, batch_wait_timeout_s=0.05, lanes=Lanes(2, threads=1, name="dit-lane"))
+        laned = asyncio.run(run(two))
+    finally:
+        del engine.generate
+    one = asyncio.run(run(DiTStage(engine, max_batch_requests=4, batch_wait_timeout_s=0.05)))
+    assert two.lane_capacity == 2 and two.batches_run == 2 and two.last_batch_size == 2
+    assert overlap["most"] == 2 and len(threads) == 2 and all(t.startswith("dit-lane") for t in threads)
+    for a, b in zip(laned, one):
+        np.testing.assert_allclose(a.latents, b.latents, atol=2e-5, rtol=1e-4)
+    assert two.active_requests == 0

@@ -70,3 +70,47 @@ def test_a_cancelled_decode_does_not_disturb_the_batch(stage):
         return await kept
 
     assert asyncio.run(main()).mime_type == "image/jpeg"
+
+
+def test_two_lanes_decode_side_by_side_within_the_memory_budget(tmp_path):
+    """Two lanes split a burst of decodes; both run the image VAE at once while their estimates
+    fit the budget together, and one at a time once they would not."""
+    import threading
+
+    from services.stages.lanes import Lanes
+
+    write_random_checkpoint("tiny-mammoth2", tmp_path, seed=0)
+    vae = ImageVAE.from_pretrained(tmp_path)
+    running = {"now": 0, "most": 0}
+    lock = threading.Lock()
+    decode = vae.model.decode
+
+    def watched(*args, **kwargs):
+        with lock:
+            running["now"] += 1
+            running["most"] = max(running["most"], running["now"])
+        try:
+            import time
+            time.sleep(0.05)  # long enough for the other lane to arrive
+            return decode(*args, **kwargs)
+        finally:
+            with lock:
+                running["now"] -= 1
+
+    vae.model.decode = watched
+    stage = VAEStage(vae, max_batch_decodes=4, lanes=Lanes(2, threads=1))
+    inputs = [_latents(i) for i in range(4)]
+
+    async def burst():
+        return await asyncio.gather(*(stage.decode(x, OutputSpec("png")) for x in inputs))
+
+    outputs = asyncio.run(burst())
+    assert running["most"] == 2 and stage.decoder.batches_run >= 2 and stage.decoder.last_batch_size <= 2
+    single = VAEStage(ImageVAE.from_pretrained(tmp_path))
+    for x, out in zip(inputs, outputs):
+        assert np.abs(_pixels(out.data) - _pixels(asyncio.run(single.decode(x, OutputSpec("png"))).data)).max() <= 1
+    plan = vae.plan_for(1, 64, 64, decode=True)
+    vae.memory_budget_mb = plan.estimate_bytes * 1.5 / 2**20  # room for one call, not two
+    running["most"] = 0
+    asyncio.run(burst())
+    assert running["most"] == 1
