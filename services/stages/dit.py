@@ -5,9 +5,9 @@ several batches run side by side, one per free core) groups the queued ones that
 latent shape -- or any shapes when the engine takes mixed sizes (``mixed_shapes``) -- (waiting at
 most ``batch_wait_timeout_s`` for company), runs the engine on them in its lane's thread, and
 streams each request's progress back to its caller. The replica's ``max_batch_requests`` is
-shared out between the lanes, and a lane that finds others idle leaves them their share. Requests that fit the running batch and queue up
-meanwhile join it at the next step boundary (continuous batching),
-and each result goes back the moment its request is done, not when the batch ends. Cancelling
+shared out between the lanes, and a lane that finds others idle leaves them their share.
+Requests that fit the running batch and queue up meanwhile join it at the next step boundary
+(continuous batching), and each result goes back the moment its request is done, not when the batch ends. Cancelling
 a caller aborts its request inside the running batch at the next step; the rest carries on.
 """
 

@@ -121,7 +121,7 @@ class VAEStage:
         self.is_video = isinstance(vae, VideoVAE)
         self.media_limits = media_limits or MediaLimits()
         self.resolve = resolve
-        self.lanes = lanes or Lanes(1, name="vae-lane")  # decodes, encodes and previews run here
+        self.lanes = lanes or Lanes(1, name="vae-lane")  # decodes and encodes run here
         self.decoder = DecodeBatcher(vae, max_batch_decodes, batch_wait_timeout_s, self.lanes)
 
     @classmethod
@@ -215,7 +215,8 @@ class VAEStage:
         """Cheap preview of intermediate latents (fixed linear map, no VAE pass); a video
         shows its middle frame. ``max_side`` > 0 downscales so the longer side fits."""
         tensor = torch.from_numpy(np.asarray(latents))[None]
-        image = await self.lanes.run(lambda: self.vae.preview(tensor)[0].numpy())
+        # a fixed linear map: not queued behind a lane's decode
+        image = await asyncio.to_thread(lambda: self.vae.preview(tensor)[0].numpy())
         if image.ndim == 4:
             image = image[image.shape[0] // 2]
         if max_side > 0 and max(image.shape[:2]) > max_side:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import numpy as np
 import pytest
@@ -90,7 +91,6 @@ def test_two_lanes_decode_side_by_side_within_the_memory_budget(tmp_path):
             running["now"] += 1
             running["most"] = max(running["most"], running["now"])
         try:
-            import time
             time.sleep(0.05)  # long enough for the other lane to arrive
             return decode(*args, **kwargs)
         finally:
