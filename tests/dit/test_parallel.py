@@ -9,7 +9,6 @@ regrouping, row/sequence splits), bounded here by ``ATOL`` on outputs of unit sc
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from dit_worker.parallel.placement import ExpertPlacement, PlacementError, balan
 from dit_worker.parallel.plan import StepPlan, choose_mode, split_rows
 from dit_worker.presets import write_random_checkpoint
 from dit_worker.requests import SamplingParams, VideoDenoiseRequest
+from tests.ports import free_port as _free_port
 
 ATOL = 1e-4  # fp32, outputs of unit scale
 WORLD = 2
@@ -69,12 +69,6 @@ def test_mode_rule_and_row_split():
 
 
 # ------------------------------------------------------------------ spawned ranks
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _reference_layer(shared: bool, seed: int) -> MoELayer:

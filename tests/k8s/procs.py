@@ -1,21 +1,14 @@
-"""Process bookkeeping for the tests that start Ray themselves: free ports, the process trees
+"""Process bookkeeping for the tests that start Ray themselves: the process trees
 they start, and a teardown that leaves none of them (and nothing else) behind."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterable
 
 import psutil
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tree(pid: int) -> list[psutil.Process]:

@@ -28,8 +28,9 @@ from services.config import ServeConfig
 from services.k8s.manifests import profile_config, ray_start_args, render_manifests
 from services.k8s.topology import HEAD, STAGE_GROUPS, group_resource, groups
 from services.stage_setup import ensure_model
+from tests.ports import free_port
 
-from .procs import free_port, marked, terminate, tree, wait_gone
+from .procs import marked, terminate, tree, wait_gone
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))

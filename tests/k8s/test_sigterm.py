@@ -14,8 +14,9 @@ import time
 import pytest
 
 from services.client import ClientError, MammothClient
+from tests.ports import free_port
 
-from .procs import free_port, terminate, tree, wait_gone
+from .procs import terminate, tree, wait_gone
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 1500

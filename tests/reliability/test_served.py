@@ -42,6 +42,7 @@ from protos import (
     vae_pb2_grpc,
 )
 from services.config import ServeConfig
+from tests.ports import free_port as _free_port
 from tests.reliability.hostile_media import many_frame_gif, mp4, mp4_with_unknown_codec
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
@@ -53,12 +54,6 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 FAST_S = 30  # a bad request is answered well within this, even on a busy machine
 MAX_RUNNING_VIDEOS = 2
 SEEN_ERRORS: list[str] = []  # every client-visible error message of the module (checked last)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,13 @@ its client would; none changes it for the others (a test that redeploys the ingr
 
 from __future__ import annotations
 
-import socket
-
 import grpc
 
 from services.config import ServeConfig
+from tests.ports import free_port
 
 API_KEY = "served-key-123"
 HEADERS = {"authorization": f"Bearer {API_KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pipeline_config(cache_dir: str) -> ServeConfig:

@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import pytest
 
 from services.client import ClientError, MammothClient
 from services.config import ServeConfig
+from tests.ports import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 8.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

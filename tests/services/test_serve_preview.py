@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 
 import grpc
 import httpx
@@ -24,14 +23,9 @@ from ray import serve
 from protos import common_pb2, generation_pb2, generation_pb2_grpc
 from services.client import MammothClient
 from services.config import ServeConfig
+from tests.ports import free_port as _free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -333,3 +333,13 @@ def test_animated_gif_as_image_is_its_first_frame():
 
 def test_encode_image_default_quality():
     assert encode_image(gradient(16, 16), "jpeg", None) == encode_image(gradient(16, 16), "jpeg", 90)
+
+
+def test_ffmpeg_is_started_without_a_fork_handler():
+    """A preexec_fn forces fork(), and gRPC's fork handlers can stall the child before it execs
+    ffmpeg (a 10 s "Could not load meta information"): importing the media package turns
+    imageio-ffmpeg's off, so subprocess may vfork."""
+    from imageio_ffmpeg._utils import _popen_kwargs
+
+    assert os.environ.get("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT") == "1"
+    assert _popen_kwargs(prevent_sigint=True)["preexec_fn"] is None
