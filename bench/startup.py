@@ -4,9 +4,11 @@ Builds the tiny checkpoints first (outside the timing: the question is a restart
 checkpoints on disk), then starts ``mammoth serve`` as a subprocess on free ports with its own
 Ray temp dir, and measures:
 
-* ``serving_s``: start -> the ``serving:`` line (every application RUNNING);
+* ``serving_s``: start -> the ``serving:`` line (the ingress and the first model RUNNING; on a
+  small machine later models start after it, ``start_models_together``);
 * ``first_answer_s``: start -> the first answered text-to-image request (a tiny one), sent as
   soon as the ``serving:`` line appears;
+* ``all_models_s``: start -> every model serving (the last ``ready:`` line);
 * ``stages``: what the Serve / vLLM logs of this run say (replica init times, vLLM's
   multi-modal warm-up, engine init), to tell what dominates;
 * PSS per process (``/proc/<pid>/smaps_rollup``) of every process the server started (Ray
@@ -181,6 +183,14 @@ def _config(cache_dir: str | None):
     return ServeConfig.from_dict(data)
 
 
+def _starting_models(serving_line: str) -> set[str]:
+    """``serving: ... models image, starting video (Ctrl-C ...)`` -> ``{"video"}``: the models
+    ``mammoth serve`` deploys after the first (``start_models_together``)."""
+    if ", starting " not in serving_line:
+        return set()
+    return set(serving_line.split(", starting ", 1)[1].split(" (", 1)[0].split(", "))
+
+
 class _Server:
     """``mammoth serve --config`` as a subprocess; its output is collected line by line."""
 
@@ -194,6 +204,9 @@ class _Server:
                                      start_new_session=True)
         self.lines: list[tuple[float, str]] = []
         self.serving = threading.Event()
+        self.all_ready = threading.Event()  # every model serving (the serving: line, or a later ready: line)
+        self.starting: set[str] = set()
+        self.ready_at = 0.0
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.pids: set[int] = set()
@@ -204,6 +217,12 @@ class _Server:
             self.lines.append((time.perf_counter() - self.t0, line.rstrip()))
             if line.startswith("serving:"):
                 self.serving.set()
+                self.starting = _starting_models(line)
+            elif line.startswith("ready: models "):
+                self.starting -= set(line[len("ready: models "):].strip().split(", "))
+            if self.serving.is_set() and not self.starting and not self.all_ready.is_set():
+                self.ready_at = time.perf_counter()
+                self.all_ready.set()
 
     def remember_pids(self) -> None:
         self.pids.update(descendants(self.proc.pid))
@@ -275,6 +294,9 @@ def run(cache_dir: str | None, concurrency: int, start_timeout: float, keep: boo
                 return result
             result["first_answer_s"] = round(time.perf_counter() - server.t0, 1)
             result["first_request_s"] = round(first, 2)
+            if not server.all_ready.wait(start_timeout):
+                raise TimeoutError(f"not every model serving after {start_timeout}s")
+            result["all_models_s"] = round(server.ready_at - server.t0, 1)
             server.remember_pids()
             time.sleep(3.0)
             idle = memory_snapshot(server.proc.pid)

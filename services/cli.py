@@ -101,11 +101,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     ingress = cfg.ingress
 
-    def ready(_rendered) -> None:
+    def ready(_rendered, starting: list[str]) -> None:
+        serving = [m for m in cfg.models if m not in starting]
+        later = f", starting {', '.join(starting)}" if starting else ""
         print(f"serving: gRPC {ingress.host}:{ingress.grpc_port}  HTTP http://{ingress.host}:{ingress.http_port}  "
-              f"models {', '.join(cfg.models)} (Ctrl-C or SIGTERM to stop)", flush=True)
+              f"models {', '.join(serving)}{later} (Ctrl-C or SIGTERM to stop)", flush=True)
 
-    code = ServeProcess(cfg, address=args.address).run(on_ready=ready)
+    def model_ready(models: list[str]) -> None:
+        print(f"ready: models {', '.join(models)}", flush=True)
+
+    code = ServeProcess(cfg, address=args.address).run(on_ready=ready, on_model_ready=model_ready)
     print("stopped", flush=True)
     return code
 

@@ -1,8 +1,11 @@
 """Bring the served pipeline up on a Ray cluster (local or joined) and take it down.
 
 The same rendered Serve config a RayService embeds drives this: proxies from
-``http_options``/``grpc_options``, then every application through its builder, deployed
-concurrently (stage apps are independent; the ingress finds them by name at request time).
+``http_options``/``grpc_options``, then every application through its builder. Stage apps are
+independent (the ingress finds them by name at request time), so they deploy model by model
+where cores are few (``start_models_together``): on a small machine two vLLM engines and their
+replicas importing torch at once only slow each other down, and the first model serves sooner
+when it has the cores to itself; the ingress starts with the first wave.
 
 ``ServeProcess`` is the ``mammoth serve`` lifecycle: SIGTERM (how Kubernetes and process
 managers stop a process) and SIGINT mean the same graceful stop: proxies report unhealthy, the
@@ -25,8 +28,10 @@ from typing import Any
 from .config import ConfigError, ServeConfig
 from .render import INGRESS_APP, cluster_env, render_serve_config, resource_shortfall
 from .stage_setup import ensure_model
+from .stages.lanes import available_cpus
 
 logger = logging.getLogger("mammoth.deploy")
+CPUS_PER_MODEL_START = 4  # a planner replica, its engine core, a DiT and a VAE replica importing at once
 
 
 def _builder(import_path: str):
@@ -34,11 +39,33 @@ def _builder(import_path: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True,
-             after_ray_init: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Start (or join) Ray, start Serve's proxies and deploy every application of ``cfg``.
+def start_waves(cfg: ServeConfig, applications: list[dict[str, Any]], cpus: int) -> list[list[dict[str, Any]]]:
+    """The rendered ``applications`` grouped in deploy order: ``start_models_together`` models
+    per wave (0: one per ``CPUS_PER_MODEL_START`` of ``cpus``), in ``models`` order, the
+    ingress (no ``model`` arg) in the first wave."""
+    together = cfg.start_models_together or max(1, cpus // CPUS_PER_MODEL_START)
+    models = list(cfg.models)
+    waves = [[app for app in applications if app["args"].get("model") in models[i:i + together]]
+             for i in range(0, len(models), together)]
+    waves[0] += [app for app in applications if app["args"].get("model") is None]
+    return waves
 
-    ``after_ray_init`` runs right after ``ray.init`` (which installs Ray's own SIGTERM handler)."""
+
+def wave_models(wave: list[dict[str, Any]]) -> list[str]:
+    """The models a wave brings up (in order, once each)."""
+    return list(dict.fromkeys(app["args"]["model"] for app in wave if app["args"].get("model") is not None))
+
+
+def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True,
+             after_ray_init: Callable[[], None] | None = None,
+             on_model_ready: Callable[[list[str]], None] | None = None) -> dict[str, Any]:
+    """Start (or join) Ray, start Serve's proxies and deploy every application of ``cfg``,
+    wave by wave (``start_waves``; all at once without ``wait``).
+
+    Returns once every application is RUNNING, or, with ``on_model_ready``, once the first wave
+    is: the others then deploy in a background thread. ``on_model_ready(models)`` is called as
+    each wave comes up, the first before this returns. ``after_ray_init`` runs right after ``ray.init`` (which installs
+    Ray's own SIGTERM handler)."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -68,15 +95,40 @@ def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True,
         grpc_options=gRPCOptions(port=grpc["port"], grpc_servicer_functions=grpc["grpc_servicer_functions"],
                                  request_timeout_s=grpc["request_timeout_s"]),
     )
-    targets = [
-        serve.RunTarget(target=_builder(app["import_path"])(_in_memory_args(cfg, app)), name=app["name"],
-                        route_prefix=app["route_prefix"])
-        for app in rendered["applications"]
-    ]
-    start = time.perf_counter()
-    serve.run_many(targets, wait_for_applications_running=wait)
-    logger.info("deployed %d applications in %.1fs", len(targets), time.perf_counter() - start)
+    waves = start_waves(cfg, rendered["applications"], available_cpus()) if wait else [rendered["applications"]]
+    _deploy(cfg, waves[0], wait)
+    if on_model_ready is not None:
+        on_model_ready(wave_models(waves[0]))
+    if on_model_ready is None:
+        for wave in waves[1:]:
+            _deploy(cfg, wave, wait)
+    elif len(waves) > 1:
+        threading.Thread(target=_deploy_rest, args=(cfg, waves[1:], on_model_ready), name="mammoth-deploy",
+                         daemon=True).start()
     return rendered
+
+
+def _deploy(cfg: ServeConfig, wave: list[dict[str, Any]], wait: bool) -> None:
+    from ray import serve
+
+    start = time.perf_counter()
+    serve.run_many([serve.RunTarget(target=_builder(app["import_path"])(_in_memory_args(cfg, app)), name=app["name"],
+                                    route_prefix=app["route_prefix"]) for app in wave],
+                   wait_for_applications_running=wait)
+    logger.info("deployed %d applications in %.1fs (%s)", len(wave), time.perf_counter() - start,
+                ", ".join(app["name"] for app in wave))
+
+
+def _deploy_rest(cfg: ServeConfig, waves: list[list[dict[str, Any]]], on_model_ready: Callable[[list[str]], None]
+                 ) -> None:
+    """The waves after the first, while the first serves (a stop meanwhile ends it quietly)."""
+    for wave in waves:
+        try:
+            _deploy(cfg, wave, True)
+        except Exception as exc:  # noqa: BLE001 - Serve shutting down under us, or a failed app
+            logger.warning("deploying %s stopped: %s", ", ".join(wave_models(wave)), exc)
+            return
+        on_model_ready(wave_models(wave))
 
 
 def _in_memory_args(cfg: ServeConfig, app: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +197,7 @@ class ServeProcess:
         self.address = address
         self.phase = "starting"  # -> serving -> draining -> stopping
         self.stopping = threading.Event()
+        self.ready: list[str] = []  # models whose applications are RUNNING
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -163,13 +216,17 @@ class ServeProcess:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
 
-    def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> int:
+    def run(self, on_ready: Callable[[dict[str, Any], list[str]], None] | None = None,
+            on_model_ready: Callable[[list[str]], None] | None = None) -> int:
+        """``on_ready(rendered, starting)`` once the ingress and the first models serve
+        (``starting``: the models still coming up); ``on_model_ready(models)`` as they do."""
         self.install_signal_handlers()
         try:
-            rendered = serve_up(self.cfg, address=self.address, after_ray_init=self.install_signal_handlers)
+            rendered = serve_up(self.cfg, address=self.address, after_ray_init=self.install_signal_handlers,
+                                on_model_ready=lambda models: self._model_ready(models, on_model_ready))
             self.phase = "serving"
             if on_ready is not None:
-                on_ready(rendered)
+                on_ready(rendered, [m for m in self.cfg.models if m not in self.ready])
             while not self.stopping.wait(0.5):
                 pass
             self.phase = "draining"
@@ -181,3 +238,10 @@ class ServeProcess:
             serve_down()
             logger.info("stopped")
         return 0
+
+    def _model_ready(self, models: list[str], callback: Callable[[list[str]], None] | None) -> None:
+        """The first wave's models before ``on_ready``; later ones from the deploy thread."""
+        first = self.phase == "starting"
+        self.ready.extend(models)
+        if callback is not None and not first and not self.stopping.is_set():
+            callback(models)

@@ -112,9 +112,13 @@ class RayStages:
     def __init__(self, model_name: str, model: str, ready: Callable[[], Awaitable[bool]] | None = None):
         self.model_name = model_name
         self._ready = ready
-        self.planner = serve.get_deployment_handle("Planner", app_name=stage_app_name(model, "planner"))
-        self.dit = serve.get_deployment_handle("DiT", app_name=stage_app_name(model, "dit"))
-        self.vae = serve.get_deployment_handle("VAE", app_name=stage_app_name(model, "vae"))
+        # Not checked against the controller: ``mammoth serve`` deploys later models while the
+        # ingress already serves the first (``services.deploy.start_waves``); a call to a model
+        # still starting waits in Serve's router until its replicas run.
+        self.planner = serve.get_deployment_handle("Planner", app_name=stage_app_name(model, "planner"),
+                                                   _check_exists=False)
+        self.dit = serve.get_deployment_handle("DiT", app_name=stage_app_name(model, "dit"), _check_exists=False)
+        self.vae = serve.get_deployment_handle("VAE", app_name=stage_app_name(model, "vae"), _check_exists=False)
 
     async def ready(self) -> bool:
         """Whether every stage of this model has a running replica (the retry gate of ``flows``)."""
