@@ -29,7 +29,9 @@ from vllm.model_executor.models.qwen2 import Qwen2MLP
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.sequence import IntermediateTensors
 
+from . import rope
 from .configuration import moe_layer_enabled
+from .rope import OncePerForwardMRope
 from .runtime import get_runtime, hidden_index_sets, write_captured
 
 
@@ -61,6 +63,8 @@ class GenExpertLayer(nn.Module):
     gen_mlp: nn.Module | None
 
     def init_gen_mlp(self, config, quant_config, prefix: str) -> None:
+        # every layer rotates with the M-RoPE table its forward's first layer built (CPU)
+        self.self_attn.rotary_emb = OncePerForwardMRope.wrap(self.self_attn.rotary_emb)
         layer_idx = extract_layer_index(prefix)
         self.gen_mlp = (
             Qwen2MLP(
@@ -137,6 +141,7 @@ class GenVocabModel(nn.Module):
             gen_mask = input_ids >= self.gen_vocab_start_index
         routing = GenRouting(gen_mask)
         num_layers = self.config.num_hidden_layers
+        rope.new_forward()
         note_batch()
         capture = _Capture.begin(num_layers)
         if capture is not None:
