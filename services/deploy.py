@@ -2,10 +2,12 @@
 
 The same rendered Serve config a RayService embeds drives this: proxies from
 ``http_options``/``grpc_options``, then every application through its builder. Stage apps are
-independent (the ingress finds them by name at request time), so they deploy model by model
-where cores are few (``start_models_together``): on a small machine two vLLM engines and their
-replicas importing torch at once only slow each other down, and the first model serves sooner
-when it has the cores to itself; the ingress starts with the first wave.
+independent (the ingress finds them by name at request time), so ``mammoth serve``, which can
+answer before every model is up, deploys them model by model where cores are few
+(``start_models_together``): on a small machine two vLLM engines and their replicas importing
+torch at once only slow each other down, and the first model serves sooner with the cores to
+itself; the ingress starts with the first wave. Callers that need every model (the demo,
+tests) deploy all at once, which has them all up soonest.
 
 ``ServeProcess`` is the ``mammoth serve`` lifecycle: SIGTERM (how Kubernetes and process
 managers stop a process) and SIGINT mean the same graceful stop: proxies report unhealthy, the
@@ -59,12 +61,12 @@ def wave_models(wave: list[dict[str, Any]]) -> list[str]:
 def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True,
              after_ray_init: Callable[[], None] | None = None,
              on_model_ready: Callable[[list[str]], None] | None = None) -> dict[str, Any]:
-    """Start (or join) Ray, start Serve's proxies and deploy every application of ``cfg``,
-    wave by wave (``start_waves``; all at once without ``wait``).
+    """Start (or join) Ray, start Serve's proxies and deploy every application of ``cfg``.
 
-    Returns once every application is RUNNING, or, with ``on_model_ready``, once the first wave
-    is: the others then deploy in a background thread. ``on_model_ready(models)`` is called as
-    each wave comes up, the first before this returns. ``after_ray_init`` runs right after ``ray.init`` (which installs
+    Returns once every application is RUNNING (all deployed at once), or, with
+    ``on_model_ready``, once the first wave of ``start_waves`` is: the others then deploy in a
+    background thread, wave by wave. ``on_model_ready(models)`` is called as each wave comes
+    up, the first before this returns. ``after_ray_init`` runs right after ``ray.init`` (which installs
     Ray's own SIGTERM handler)."""
     import ray
     from ray import serve
@@ -95,14 +97,13 @@ def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True,
         grpc_options=gRPCOptions(port=grpc["port"], grpc_servicer_functions=grpc["grpc_servicer_functions"],
                                  request_timeout_s=grpc["request_timeout_s"]),
     )
-    waves = start_waves(cfg, rendered["applications"], available_cpus()) if wait else [rendered["applications"]]
+    if on_model_ready is None or not wait:  # the caller needs everything: all at once is soonest
+        _deploy(cfg, rendered["applications"], wait)
+        return rendered
+    waves = start_waves(cfg, rendered["applications"], available_cpus())
     _deploy(cfg, waves[0], wait)
-    if on_model_ready is not None:
-        on_model_ready(wave_models(waves[0]))
-    if on_model_ready is None:
-        for wave in waves[1:]:
-            _deploy(cfg, wave, wait)
-    elif len(waves) > 1:
+    on_model_ready(wave_models(waves[0]))
+    if len(waves) > 1:
         threading.Thread(target=_deploy_rest, args=(cfg, waves[1:], on_model_ready), name="mammoth-deploy",
                          daemon=True).start()
     return rendered
