@@ -416,7 +416,7 @@ class ServeConfig(_Section):
     shutdown_grace_s: NonNegativeFloat = 30.0
     # `mammoth serve`: how many models' applications start at once, in ``models`` order (the
     # ingress with the first); it serves once the first are up, the rest follow. 0: one model
-    # per 4 CPUs of this machine (deploy.CPUS_PER_MODEL_START), at least 1; a RayService starts all at once
+    # per 4 CPUs of the Ray cluster (deploy.CPUS_PER_MODEL_START), at least 1; a RayService starts all at once
     start_models_together: NonNegativeInt = 0
     k8s: K8sSettings = Field(default_factory=K8sSettings)  # `mammoth k8s render` only
 

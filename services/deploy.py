@@ -85,7 +85,8 @@ def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True,
                  ignore_reinit_error=True)
     if after_ray_init is not None:
         after_ray_init()
-    shortfall = resource_shortfall(rendered, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    shortfall = resource_shortfall(rendered, resources)
     if shortfall and started_here:  # a fixed, local cluster: the deploy would wait forever
         raise ConfigError(shortfall)
     if shortfall:  # a cluster that may autoscale: say why the deploy may wait
@@ -100,7 +101,8 @@ def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True,
     if on_model_ready is None or not wait:  # the caller needs everything: all at once is soonest
         _deploy(cfg, rendered["applications"], wait)
         return rendered
-    waves = start_waves(cfg, rendered["applications"], available_cpus())
+    # the cluster's CPUs: a joined cluster's nodes start the replicas, not this machine
+    waves = start_waves(cfg, rendered["applications"], int(resources.get("CPU", 0)) or available_cpus())
     _deploy(cfg, waves[0], wait)
     on_model_ready(wave_models(waves[0]))
     if len(waves) > 1:
@@ -127,7 +129,8 @@ def _deploy_rest(cfg: ServeConfig, waves: list[list[dict[str, Any]]], on_model_r
         try:
             _deploy(cfg, wave, True)
         except Exception as exc:  # noqa: BLE001 - Serve shutting down under us, or a failed app
-            logger.warning("deploying %s stopped: %s", ", ".join(wave_models(wave)), exc)
+            # the models already up keep serving; calls to these wait until their deadline
+            logger.warning("deploying %s stopped: %s", ", ".join(wave_models(wave)), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             return
         on_model_ready(wave_models(wave))
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
 
@@ -66,3 +69,25 @@ def terminate(procs: Iterable[psutil.Process], *, grace_s: float = 20.0) -> None
         except psutil.NoSuchProcess:
             pass
     wait_gone(procs, 10.0)
+
+
+def start_serve(config: Path, log: Path) -> subprocess.Popen:
+    """``mammoth serve --config`` in its own session (so its whole tree can be signalled), its
+    output in ``log``, with none of the caller's Ray settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--config", str(config)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_line(log: Path, prefix: str, proc: subprocess.Popen, timeout_s: float) -> str:
+    """The first line of ``log`` starting with ``prefix``; fails if the server exits or the line
+    does not come within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith(prefix):
+                return line
+        assert proc.poll() is None, f"mammoth serve exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+        time.sleep(1)
+    raise AssertionError(f"no {prefix!r} line within {timeout_s:.0f}s:\n{log.read_text()[-4000:]}")

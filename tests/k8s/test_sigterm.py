@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,21 +14,11 @@ import pytest
 from services.client import ClientError, MammothClient
 from tests.ports import free_port
 
-from .procs import terminate, tree, wait_gone
+from .procs import start_serve, terminate, tree, wait_for_line, wait_gone
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 1500
 GRACE_S = 90
-
-
-def _wait_for_line(log_path, needle: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if needle in log_path.read_text(errors="replace"):
-            return
-        assert proc.poll() is None, f"mammoth serve exited {proc.returncode}:\n{log_path.read_text()[-4000:]}"
-        time.sleep(2)
-    pytest.fail(f"no {needle!r} within {timeout_s:.0f}s:\n{log_path.read_text()[-4000:]}")
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
@@ -43,13 +31,10 @@ ingress: {{grpc_port: {grpc_port}, http_port: {http_port}, host: 127.0.0.1}}
 shutdown_grace_s: {GRACE_S}
 """)
     log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--config", str(config)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_serve(config, log)
     started = []
     try:
-        _wait_for_line(log, "serving:", proc, START_TIMEOUT_S)
+        wait_for_line(log, "serving:", proc, START_TIMEOUT_S)
         started = tree(proc.pid)
         assert any("raylet" in " ".join(p.cmdline()) for p in started[1:]), "serve started its own Ray"
 

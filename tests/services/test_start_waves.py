@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -20,7 +17,7 @@ from services.client import MammothClient
 from services.config import ServeConfig
 from services.deploy import CPUS_PER_MODEL_START, start_waves, wave_models
 from services.render import render_serve_config
-from tests.k8s.procs import terminate, tree
+from tests.k8s.procs import start_serve, terminate, tree, wait_for_line
 from tests.ports import free_port
 
 TWO_MODELS = "models: {image: {preset: tiny-mammoth2}, video: {preset: tiny-mammoth25}, extra: {preset: tiny-mammoth2}}"
@@ -50,17 +47,6 @@ def test_configured_count_wins_over_the_cores():
     assert [wave_models(w) for w in waves] == [["image", "video"], ["extra"]]
 
 
-def _wait_for(proc: subprocess.Popen, log, needle: str, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith(needle):
-                return line
-        assert proc.poll() is None, f"mammoth serve exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-        time.sleep(0.5)
-    pytest.fail(f"no {needle!r} line within {timeout_s:.0f}s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.mark.slow
 def test_serve_answers_the_first_model_while_the_next_starts(tmp_path):
     grpc_port, http_port = free_port(), free_port()
@@ -73,14 +59,11 @@ ingress: {{grpc_port: {grpc_port}, http_port: {http_port}, host: 127.0.0.1, play
 start_models_together: 1
 """)
     log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--config", str(config)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_serve(config, log)
     started = []
     client = MammothClient(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", timeout_s=600)
     try:
-        serving = _wait_for(proc, log, "serving:", 900)
+        serving = wait_for_line(log, "serving:", proc, 900)
         started = tree(proc.pid)
         assert "models image, starting video (" in serving, serving
         image = client.generate_image("a lighthouse", seed=1, steps=2, width=64, height=64)
