@@ -130,7 +130,8 @@ def _deploy_rest(cfg: ServeConfig, waves: list[list[dict[str, Any]]], on_model_r
             _deploy(cfg, wave, True)
         except Exception as exc:  # noqa: BLE001 - Serve shutting down under us, or a failed app
             # the models already up keep serving; calls to these wait until their deadline
-            logger.warning("deploying %s stopped: %s", ", ".join(wave_models(wave)), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            said = str(exc).splitlines()
+            logger.warning("deploying %s stopped: %s", ", ".join(wave_models(wave)), said[0] if said else repr(exc))
             return
         on_model_ready(wave_models(wave))
 
