@@ -66,8 +66,8 @@ def serve_up(cfg: ServeConfig, *, address: str | None = None, wait: bool = True,
     Returns once every application is RUNNING (all deployed at once), or, with
     ``on_model_ready``, once the first wave of ``start_waves`` is: the others then deploy in a
     background thread, wave by wave. ``on_model_ready(models)`` is called as each wave comes
-    up, the first before this returns. ``after_ray_init`` runs right after ``ray.init`` (which installs
-    Ray's own SIGTERM handler)."""
+    up, the first before this returns. ``after_ray_init`` runs right after ``ray.init`` (which
+    installs Ray's own SIGTERM handler)."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
