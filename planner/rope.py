@@ -54,7 +54,8 @@ class OncePerForwardMRope(nn.Module):
             from vllm.model_executor.layers.rotary_embedding.mrope import apply_interleaved_rope
 
             rope = self.inner
-            cos, sin = rope.cos_sin_cache.to(dtype)[positions].chunk(2, dim=-1)
+            # the rows of this forward, then the cast (not a cast of the whole cache every forward)
+            cos, sin = rope.cos_sin_cache[positions].to(dtype).chunk(2, dim=-1)
             if rope.mrope_interleaved:
                 cos = apply_interleaved_rope(cos, rope.mrope_section)
                 sin = apply_interleaved_rope(sin, rope.mrope_section)
